@@ -1,0 +1,4 @@
+from benchmark.grid import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,137 @@
+"""The stage DAG of a grid: which stages each cell needs, keyed by content.
+
+A node's key is ``<stage>-<hash>`` of the config slice that stage reads plus its inputs' keys,
+so two cells that share a prior share its ``reference`` (and ``teacher``) node, every cell
+shares ``fid_ref``, and changing any upstream setting gives new directories downstream.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmark.config import Cell
+from benchmark.store import stable_hash
+
+# Bump when a stage's outputs change meaning, so old run directories are not reused.
+STAGE_VERSION = {"fid_ref": 1, "reference": 1, "teacher": 1, "tokenizer": 1, "recon_eval": 1,
+                 "generator": 1, "gen_eval": 1}
+STAGES = tuple(STAGE_VERSION)
+
+
+@dataclass
+class Node:
+    stage: str
+    key: str
+    slice: dict[str, Any]           # the hashed config slice
+    deps: dict[str, "Node"]         # role -> upstream node
+    cfg: dict[str, Any]             # the full resolved config of the first cell that needs it
+    run_root: Path
+    cells: list[str] = field(default_factory=list)
+
+    @property
+    def dir(self) -> Path:
+        return self.run_root / "stages" / self.stage / self.key
+
+    @property
+    def record_path(self) -> Path:
+        return self.dir / "record.json"
+
+    def done(self) -> bool:
+        return self.record_path.exists()
+
+
+def latent_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    tok = cfg["tokenizer"]
+    down = 2 ** (len(tok["encoder"].get("mult", [1])) - 1)
+    side = cfg["dataset"]["resolution"] // down
+    return (int(tok["latent_channels"]), side, side)
+
+
+def _data_slice(cfg: dict[str, Any]) -> dict[str, Any]:
+    d = cfg["dataset"]
+    return {"name": d["name"], "resolution": d["resolution"]}
+
+
+def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
+    if cfg["loss"]["name"] != "dm":
+        return False
+    mode = cfg["loss"].get("teacher", "auto")
+    if mode == "trained":
+        return True
+    from priors import PRIORS, has_exact_velocity
+    has_exact = callable(getattr(PRIORS.get(cfg["prior"]["name"]), "velocity", None))
+    if mode == "exact" and not has_exact:
+        raise ValueError(f"loss.teacher=exact but prior {cfg['prior']['name']!r} has no closed-form score; "
+                         f"use loss.teacher=trained or auto")
+    return not has_exact
+
+
+class DagBuilder:
+    def __init__(self, run_root: Path) -> None:
+        self.run_root = Path(run_root)
+        self.nodes: dict[str, Node] = {}
+
+    def _node(self, stage: str, cfg: dict, slc: dict, deps: dict[str, Node], cell: Cell) -> Node:
+        key_src = {"v": STAGE_VERSION[stage], "slice": slc, "deps": {r: n.key for r, n in deps.items()}}
+        key = f"{stage}-{stable_hash(key_src)}"
+        node = self.nodes.get(key)
+        if node is None:
+            node = self.nodes[key] = Node(stage, key, slc, deps, cfg, self.run_root)
+        if cell.label not in node.cells:
+            node.cells.append(cell.label)
+        return node
+
+    def add_cell(self, cell: Cell) -> dict[str, Node]:
+        c = cell.cfg
+        ev = c["eval"]
+        detector = {"detector": ev["detector"], "precision": ev["precision"]}
+        shape = latent_shape(c)
+        out: dict[str, Node] = {}
+        out["fid_ref"] = self._node("fid_ref", c, {"data": _data_slice(c), "split": "test",
+                                                   "n": ev["n_ref"], **detector}, {}, cell)
+        out["reference"] = self._node("reference", c, {"data": _data_slice(c), "prior": c["prior"],
+                                                       "latent_shape": shape}, {}, cell)
+        tok_deps = {"reference": out["reference"]}
+        if needs_trained_teacher(c):
+            loss = c["loss"]
+            t_slice = {k: loss[k] for k in ("score_net", "score_net_args", "teacher_steps",
+                                            "teacher_batch_size", "teacher_lr")}
+            t_slice["num_classes"] = c["dataset"]["num_classes"]
+            out["teacher"] = self._node("teacher", c, {**t_slice, "seed": cell.seed},
+                                        {"reference": out["reference"]}, cell)
+            tok_deps["teacher"] = out["teacher"]
+        out["tokenizer"] = self._node("tokenizer", c, {"data": _data_slice(c), "tokenizer": c["tokenizer"],
+                                                       "prior": c["prior"], "loss": c["loss"],
+                                                       "seed": cell.seed}, tok_deps, cell)
+        out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], **detector},
+                                       {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"]}, cell)
+        out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,
+                                                       "num_classes": c["dataset"]["num_classes"]},
+                                      {"tokenizer": out["tokenizer"]}, cell)
+        out["gen_eval"] = self._node("gen_eval", c, {"n": ev["n_samples"], "sampler": ev["sampler"],
+                                                     "seed": cell.seed, **detector},
+                                     {"generator": out["generator"], "tokenizer": out["tokenizer"],
+                                      "fid_ref": out["fid_ref"]}, cell)
+        return out
+
+
+def build(cells: list[Cell], run_root: Path) -> tuple[list[Node], list[dict[str, Node]]]:
+    """All unique nodes in a valid execution order, and each cell's stage -> node map."""
+    b = DagBuilder(run_root)
+    per_cell = [b.add_cell(cell) for cell in cells]
+    order: list[Node] = []
+    seen: set[str] = set()
+
+    def visit(n: Node) -> None:
+        if n.key in seen:
+            return
+        for d in n.deps.values():
+            visit(d)
+        seen.add(n.key)
+        order.append(n)
+
+    for m in per_cell:
+        for n in m.values():
+            visit(n)
+    return order, per_cell

@@ -1,0 +1,78 @@
+"""Helpers the stage modules share: loading upstream outputs and building cell objects."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmark.dag import Node, latent_shape
+from benchmark.data import ImageSet, load_images, subset
+from benchmark.store import load_torch
+
+
+def dataset(cfg: dict[str, Any], split: str) -> ImageSet:
+    d = cfg["dataset"]
+    return load_images(d["name"], split, int(d["resolution"]), d.get("root"))
+
+
+def eval_images(cfg: dict[str, Any]) -> ImageSet:
+    """The fixed held-out subset used for reference statistics and rFID (same images both)."""
+    return subset(dataset(cfg, "test"), int(cfg["eval"]["n_ref"]), seed=0)
+
+
+def build_prior(cfg: dict[str, Any], state: dict | None = None):
+    from priors import PRIORS
+    p = dict(cfg["prior"])
+    prior = PRIORS.get(p.pop("name"))(latent_shape=latent_shape(cfg), **p)
+    if state is not None:
+        prior.load_state_dict(state)
+    return prior
+
+
+def load_prior(node: Node):
+    """The prior as fitted by the cell's reference stage."""
+    ref = node.deps["reference"]
+    return build_prior(ref.cfg, load_torch(ref.dir / "prior.pt"))
+
+
+def build_tokenizer_for(cfg: dict[str, Any]):
+    from tokenizers import build_tokenizer
+    from priors import LOSSES
+    stochastic = bool(LOSSES.get(cfg["loss"]["name"]).needs_posterior)
+    d = cfg["dataset"]
+    return build_tokenizer(cfg["tokenizer"], int(d["resolution"]), int(d["channels"]), stochastic)
+
+
+def load_tokenizer(tok_node: Node):
+    from tokenizers import LatentNorm
+    tok = build_tokenizer_for(tok_node.cfg)
+    tok.load_state_dict(load_torch(tok_node.dir / "tokenizer.pt"))
+    return tok.eval().requires_grad_(False), LatentNorm.load(tok_node.dir / "latent_norm.json")
+
+
+def build_score_net(cfg: dict[str, Any]):
+    from generators import build_generator
+    c, h, _ = latent_shape(cfg)
+    loss = cfg["loss"]
+    return build_generator(loss["score_net"], input_size=h, in_channels=c,
+                           num_classes=int(cfg["dataset"]["num_classes"]), **loss.get("score_net_args", {}))
+
+
+@torch.no_grad()
+def encode_all(tok, images: ImageSet, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images.float_batch(torch.arange(i, min(len(images), i + batch_size)))
+        out.append(tok.encode(x.to(device or "cpu")).cpu())
+    return torch.cat(out)
+
+
+def image_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
+    """Save a [N, C, H, W] batch in [0, 1] as a PNG grid (atomically)."""
+    import io
+    from torchvision.utils import make_grid, save_image
+    from benchmark.store import write_bytes
+    buf = io.BytesIO()
+    save_image(make_grid(images.clamp(0, 1), nrow=nrow, padding=1), buf, format="png")
+    write_bytes(path, buf.getvalue())

@@ -1,0 +1,31 @@
+"""Stage 4: reconstruction quality on the held-out split: PSNR, SSIM, and rFID against the
+same held-out images' reference features (never the training set)."""
+from __future__ import annotations
+
+import torch
+
+from benchmark.dag import Node
+from benchmark.metrics import build_detector, generation_metrics, psnr, ssim, to_uint8_rgb
+from benchmark.stages.common import eval_images, image_grid, load_tokenizer
+from benchmark.store import load_torch
+
+
+@torch.no_grad()
+def run(node: Node) -> dict:
+    ev = node.cfg["eval"]
+    tok, _ = load_tokenizer(node.deps["tokenizer"])
+    images = eval_images(node.cfg)
+    recs, ps, ss = [], [], []
+    bs = int(ev["batch_size"])
+    for i in range(0, len(images), bs):
+        x = images.float_batch(torch.arange(i, min(len(images), i + bs)))
+        r = tok(x).clamp(0, 1)
+        ps.append(psnr(r, x)); ss.append(ssim(r, x)); recs.append(r)
+    rec = torch.cat(recs)
+    image_grid(torch.cat([images.float_batch(torch.arange(16)), rec[:16]]), 16, node.dir / "reconstructions.png")
+    det = build_detector(ev["detector"], ev["precision"])
+    feats = det.features(to_uint8_rgb(rec), batch_size=bs)
+    ref = load_torch(node.deps["fid_ref"].dir / "features.pt")
+    m = generation_metrics(feats, ref)
+    return {"psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()),
+            "rfid": m["fid"], "n_recon": len(images), "detector": det.version}

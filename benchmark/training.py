@@ -1,0 +1,74 @@
+"""Shared pieces of every training stage: checkpoints that resume exactly, schedules, checks.
+
+A checkpoint holds the model(s), optimiser(s), the step, torch's global RNG and the stage's
+data-order generator, so a stage killed at any point continues with no lost or repeated steps.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from benchmark.store import load_torch, save_torch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN/inf; the message names the stage and the step."""
+
+
+def check_finite(value: torch.Tensor, stage: str, step: int, what: str = "loss") -> None:
+    if not torch.isfinite(value).all():
+        raise NonFiniteLossError(f"stage {stage!r}: {what} is {float(value)} at step {step}; "
+                                 f"lower the learning rate or the matching weight, or check the inputs")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def warmup_lambda(warmup_steps: int):
+    """Linear warm-up then constant, the schedule of the DMVAE and LightningDiT recipes."""
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+def progress(total: int, desc: str, initial: int = 0) -> tqdm:
+    # Bars only on an interactive terminal; CI logs get the per-stage lines instead.
+    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, initial=initial, disable=quiet, leave=False, dynamic_ncols=True)
+
+
+class Checkpoint:
+    def __init__(self, path: Path, every: int) -> None:
+        self.path = Path(path)
+        self.every = max(1, int(every))
+
+    def load(self) -> dict[str, Any] | None:
+        if not self.path.exists():
+            return None
+        state = load_torch(self.path)
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resuming from %s at step %d", self.path, state["step"])
+        return state
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, **state: Any) -> None:
+        save_torch(self.path, {"step": step, "torch_rng": torch.get_rng_state(), **state})
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def batches(n_items: int, batch_size: int) -> Iterable[slice]:
+    for i in range(0, n_items, batch_size):
+        yield slice(i, min(n_items, i + batch_size))

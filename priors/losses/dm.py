@@ -1,0 +1,92 @@
+"""The distribution-matching loss of DMVAE (Ye et al. 2025, Sec. 3; DMD-style).
+
+Two score networks over latents: a frozen teacher for p_ref (a trained network, or a prior's
+exact velocity), and a fake network trained online on detached encoder latents so that it
+tracks q(z). The tokenizer receives g = (x_hat_fake - x_hat_real) / mean|z - x_hat_real| per
+sample through the stop-gradient target 0.5 * ||z - sg(z - g)||^2, i.e. d loss / d z = g / numel.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from generators import build_generator, flow_matching_loss, guided_velocity, sample_t
+from generators import interpolate, velocity_to_x1
+from priors.losses.base import MatchingLoss
+from priors.registry import LOSSES
+
+
+@LOSSES.register("dm")
+class DistributionMatching(MatchingLoss):
+    def __init__(self, weight: float = 1.0, *, teacher: nn.Module, latent_shape: tuple[int, ...],
+                 num_classes: int, t_range: tuple[float, float] = (0.0, 1.0),
+                 cfg_scale: float = 1.0, vae_train_every: int = 5, fake_lr: float = 2e-4,
+                 fake_betas: tuple[float, float] = (0.9, 0.95), fake_weight_decay: float = 0.005,
+                 score_net: str = "Tiny", score_net_args: dict | None = None,
+                 teacher_kind: str = "trained", **_: Any) -> None:
+        super().__init__(weight)
+        t0, t1 = map(float, t_range)
+        if not 0.0 <= t0 < t1 <= 1.0:
+            raise ValueError(f"dm t_range must satisfy 0 <= t0 < t1 <= 1, got {t_range}")
+        if vae_train_every < 1:
+            raise ValueError(f"dm vae_train_every must be >= 1, got {vae_train_every}")
+        self.t_range = (t0, t1)
+        self.cfg_scale = float(cfg_scale)
+        self.tokenizer_every = int(vae_train_every)
+        self.teacher_kind = teacher_kind
+        self.teacher = teacher.eval().requires_grad_(False)
+        if isinstance(teacher, nn.Module) and any(True for _ in teacher.parameters()):
+            # The paper initialises the fake network as a copy of the teacher.
+            self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+        else:
+            c, h, w = latent_shape
+            self.fake = build_generator(score_net, input_size=h, in_channels=c,
+                                        num_classes=num_classes, **(score_net_args or {}))
+        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=fake_lr,
+                                          betas=tuple(fake_betas), weight_decay=fake_weight_decay)
+
+    def update(self, z: torch.Tensor, labels: torch.Tensor, step: int) -> dict[str, float]:
+        """One flow-matching step of the fake network on the current (detached) latents."""
+        self.fake.train()
+        loss = flow_matching_loss(self.fake, z.detach(), labels)
+        self.fake_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.fake_opt.step()
+        return {"fake_fm": float(loss.detach())}
+
+    def direction(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """g: the per-sample-normalised difference of the two clean-data estimates."""
+        with torch.no_grad():
+            zd = z.detach()
+            t = sample_t(zd.shape[0], "uniform", t_range=self.t_range, device=zd.device)
+            x_t = interpolate(zd, torch.randn_like(zd), t)
+            was_training = self.fake.training
+            self.fake.eval()  # no label dropout while scoring
+            v_fake = guided_velocity(self.fake, x_t, t, labels, self.cfg_scale)
+            self.fake.train(was_training)
+            v_real = guided_velocity(self.teacher, x_t, t, labels, self.cfg_scale)
+            x_fake = velocity_to_x1(x_t, v_fake, t)
+            x_real = velocity_to_x1(x_t, v_real, t)
+            norm = (zd - x_real).abs().mean(dim=tuple(range(1, zd.dim())), keepdim=True)
+            g = (x_fake - x_real) / norm
+            return torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+
+    def forward(self, z, labels, step, posterior=None):
+        g = self.direction(z, labels)
+        target = (z - g).detach()
+        loss = 0.5 * (z - target).pow(2).mean()
+        return loss, {"dm": float(loss.detach()), "dm_grad_norm": float(g.norm() / g.numel() ** 0.5)}
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"fake_opt": self.fake_opt.state_dict()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.fake_opt.load_state_dict(state["fake_opt"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"loss_weight": self.weight, "dm_teacher": self.teacher_kind,
+                "dm_cfg": self.cfg_scale, "dm_t_range": list(self.t_range),
+                "dm_vae_train_every": self.tokenizer_every}

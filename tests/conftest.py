@@ -1,0 +1,26 @@
+"""Shared fixtures: a tiny-size override list that runs every stage in seconds."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Two cores: keep intra-op threads from oversubscribing when pytest runs subprocesses.
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = [
+    "tokenizer.warmup_iters=6", "tokenizer.match_iters=10", "tokenizer.finetune_iters=4",
+    "tokenizer.batch_size=16", "tokenizer.checkpoint_every=5", "tokenizer.norm_images=64",
+    "tokenizer.encoder.ch=8", "tokenizer.decoder.ch=8",
+    "generator.steps=8", "generator.batch_size=16", "generator.train_images=128",
+    "generator.checkpoint_every=4",
+    "eval.n_ref=20", "eval.n_samples=20", "eval.batch_size=20", "eval.sampler.steps=4",
+    "loss.score_net_args.hidden_size=32", "loss.score_net_args.depth=1", "loss.score_net_args.num_heads=2",
+    "+generator.model_args.hidden_size=32", "+generator.model_args.depth=1", "+generator.model_args.num_heads=2",
+]
+
+
+@pytest.fixture
+def tiny_overrides(tmp_path):
+    return TINY + [f"run_root={tmp_path / 'runs'}"]

@@ -1,0 +1,65 @@
+"""The hydra config tree, grid expansion and validation before any work starts."""
+import pytest
+
+from benchmark import config, dag
+from benchmark.registry import RegistryError
+
+
+def test_default_grid_has_dm_and_kl_cells():
+    base, cells = config.load([])
+    assert base["grid"]["name"] == "default"
+    pairs = {(c.keys["prior"], c.keys["loss"]) for c in cells}
+    assert ("gaussian", "dm") in pairs and ("gaussian", "kl") in pairs
+    assert all(c.keys["dataset"] == "fashion_mnist" for c in cells)
+
+
+def test_command_line_overrides_win_over_cells():
+    _, cells = config.load(["prior=gmm", "loss.weight=3"])
+    assert {c.keys["prior"] for c in cells} == {"gmm"}
+    # the kl cell keeps its own loss group but the user's weight applies everywhere
+    assert {c.keys["lambda"] for c in cells} == {3.0}
+
+
+def test_seeds_multiply_cells():
+    _, cells = config.load(["grid=single", "grid.seeds=[0,1,2]"])
+    assert [c.seed for c in cells] == [0, 1, 2]
+
+
+def test_unknown_prior_lists_known_ones():
+    with pytest.raises(Exception) as e:
+        config.load(["grid=single", "prior.name=nope"])
+    assert "gaussian" in str(e.value) and "nope" in str(e.value)
+
+
+def test_impossible_shapes_rejected():
+    with pytest.raises(ValueError, match="not divisible"):
+        config.load(["grid=single", "dataset.resolution=30"])
+    with pytest.raises(ValueError, match="patch size"):
+        config.load(["grid=single", "generator.model_args.patch_size=3"])
+
+
+def test_shared_stages_are_shared(tmp_path):
+    _, cells = config.load([])
+    order, per_cell = dag.build(cells, tmp_path)
+    assert per_cell[0]["reference"].key == per_cell[1]["reference"].key
+    assert per_cell[0]["fid_ref"].key == per_cell[1]["fid_ref"].key
+    assert per_cell[0]["tokenizer"].key != per_cell[1]["tokenizer"].key
+    assert len({n.key for n in order}) == len(order)
+    # the gaussian prior has an exact score: the dm cell needs no trained teacher by default
+    assert "teacher" not in per_cell[0]
+    _, cells = config.load(["grid=single", "loss.teacher=trained"])
+    _, per_cell = dag.build(cells, tmp_path)
+    assert "teacher" in per_cell[0]
+
+
+def test_changing_upstream_config_changes_downstream_keys(tmp_path):
+    _, a = config.load(["grid=single"])
+    _, b = config.load(["grid=single", "tokenizer.lr=0.5"])
+    (_, pa), (_, pb) = dag.build(a, tmp_path), dag.build(b, tmp_path)
+    assert pa[0]["fid_ref"].key == pb[0]["fid_ref"].key
+    assert pa[0]["gen_eval"].key != pb[0]["gen_eval"].key
+
+
+def test_bad_plugin_module_is_reported():
+    with pytest.raises(RegistryError, match="no_such_plugin_mod"):
+        config.load(["grid=single", "plugins=[no_such_plugin_mod]"])

@@ -1,0 +1,102 @@
+"""The whole grid at tiny sizes: every stage, tables and plot, skip on rerun, resume after
+kill -9 with identical results, and a failing stage that does not stop the grid."""
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from benchmark import grid
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _sweep_dir(run_root: Path) -> Path:
+    (d,) = list((run_root / "sweeps").iterdir())
+    return d
+
+
+@pytest.mark.slow
+def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplog):
+    assert grid.main(tiny_overrides) == 0
+    sweep = _sweep_dir(tmp_path / "runs")
+    df = pd.read_csv(sweep / "results.csv")
+    assert set(df["loss"]) == {"dm", "kl"}
+    for col in ("rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall"):
+        assert df[col].map(lambda v: math.isfinite(float(v))).all(), col
+    assert (df["status"] == "done").all()
+    assert (df["n_samples"] == 20).all() and df["detector"].str.contains("inception").all()
+    assert df["is"].isna().all()  # the offline Inception has no logits: IS unavailable, not 0
+    assert (sweep / "tradeoff.png").stat().st_size > 1000
+    assert (sweep / "results.md").read_text().count("| gaussian |") == 2
+    long = pd.read_csv(sweep / "results_long.csv")
+    assert {"metric", "value"} <= set(long.columns)
+    stages = tmp_path / "runs" / "stages"
+    for d in stages.glob("*/*"):
+        assert (d / "record.json").exists() and (d / "config.yaml").exists()
+        assert not list(d.glob("*.tmp-*")) and not (d / "ckpt.pt").exists()
+    # A rerun skips every finished stage.
+    caplog.clear()
+    t0 = time.perf_counter()
+    assert grid.main(tiny_overrides) == 0
+    assert "0 to run" in caplog.text
+    assert time.perf_counter() - t0 < 30
+
+
+def _run(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "benchmark.grid", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_gives_identical_tokenizer(tiny_overrides, tmp_path):
+    over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
+        "grid=single", "tokenizer.match_iters=60", "tokenizer.checkpoint_every=10"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = _run(over + [f"run_root={tmp_path / 'a'}"], env)
+    assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()[-3000:]
+    # Interrupt the second run as soon as the tokenizer has written a checkpoint.
+    proc = _run(over + [f"run_root={tmp_path / 'b'}"], env)
+    deadline = time.time() + 300
+    while not list((tmp_path / "b").glob("stages/tokenizer/*/ckpt.pt")):
+        assert proc.poll() is None and time.time() < deadline, "tokenizer never checkpointed"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (tok_dir,) = list((tmp_path / "b").glob("stages/tokenizer/*"))
+    assert not (tok_dir / "record.json").exists()
+    again = _run(over + [f"run_root={tmp_path / 'b'}"], env)
+    out = again.communicate(timeout=600)[0].decode()
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming from" in out
+    a = torch.load(next((tmp_path / "a").glob("stages/tokenizer/*/tokenizer.pt")), weights_only=True)
+    b = torch.load(tok_dir / "tokenizer.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+    ra = pd.read_csv(next((tmp_path / "a").glob("sweeps/*/results.csv")))
+    rb = pd.read_csv(next((tmp_path / "b").glob("sweeps/*/results.csv")))
+    assert ra["psnr"].tolist() == rb["psnr"].tolist()
+
+
+@pytest.mark.slow
+def test_failing_stage_is_recorded_and_grid_goes_on(tiny_overrides, tmp_path):
+    cells = 'grid.cells=[["loss=dm","tokenizer.l1_weight=nan"],["loss=kl"]]'
+    assert grid.main(tiny_overrides + [cells]) == 1
+    df = pd.read_csv(_sweep_dir(tmp_path / "runs") / "results.csv").set_index("loss")
+    assert df.loc["dm", "status"] == "failed"
+    assert "tokenizer" in df.loc["dm", "failure"] and "step 0" in df.loc["dm", "failure"]
+    assert df.loc["kl", "status"] == "done" and math.isfinite(df.loc["kl", "gfid"])
+
+
+def test_bad_config_rejected_before_work(tmp_path, caplog):
+    assert grid.main([f"run_root={tmp_path}", "prior.name=nope"]) == 2
+    assert "gaussian" in caplog.text
+    assert not (tmp_path / "stages").exists()

@@ -1,0 +1,11 @@
+"""The DMVAE tokenizer (this project's package, not HuggingFace's `tokenizers`).
+
+``tokenizers.IS_DMVAE_BENCH`` exists so that tests and users can tell the two apart.
+"""
+IS_DMVAE_BENCH = True
+
+from tokenizers.registry import DECODERS, ENCODERS  # noqa: E402
+from tokenizers.models import Tokenizer, build_tokenizer  # noqa: E402
+from tokenizers.normalization import LatentNorm  # noqa: E402
+
+__all__ = ["ENCODERS", "DECODERS", "Tokenizer", "build_tokenizer", "LatentNorm", "IS_DMVAE_BENCH"]

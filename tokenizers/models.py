@@ -1,0 +1,127 @@
+"""Small convolutional encoder/decoder for CPU presets, and the Tokenizer that joins them.
+
+The layout follows the LDM/FLUX autoencoder family (ResNet blocks with GroupNorm + SiLU,
+strided downsampling, nearest-neighbour upsampling) at a width that trains in minutes on two
+CPU cores. The bottleneck is a 1x1-conv MLP down to C latent channels as in DMVAE's
+1024 -> 2048 -> 32 MLP; a stochastic head (mean, logvar) serves the kl baseline.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tokenizers.registry import DECODERS, ENCODERS
+
+
+def _norm(ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(min(8, ch), ch, eps=1e-6)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.skip(x) + self.body(x)
+
+
+@ENCODERS.register("conv")
+class ConvEncoder(nn.Module):
+    """Downsamples by 2 ** (len(mult) - 1); returns features of width ``out_features``."""
+
+    def __init__(self, in_channels: int = 1, ch: int = 32, mult: Sequence[int] = (1, 2, 2),
+                 num_res_blocks: int = 1, **_: object) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
+        cin = ch
+        for i, m in enumerate(mult):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(cin, ch * m))
+                cin = ch * m
+            if i < len(mult) - 1:
+                layers.append(nn.Conv2d(cin, cin, 3, stride=2, padding=1))
+        layers += [_norm(cin), nn.SiLU()]
+        self.net = nn.Sequential(*layers)
+        self.out_features = cin
+        self.downsample = 2 ** (len(mult) - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@DECODERS.register("conv")
+class ConvDecoder(nn.Module):
+    def __init__(self, latent_channels: int, out_channels: int = 1, ch: int = 32,
+                 mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, **_: object) -> None:
+        super().__init__()
+        cin = ch * mult[-1]
+        layers: list[nn.Module] = [nn.Conv2d(latent_channels, cin, 3, padding=1)]
+        for i, m in reversed(list(enumerate(mult))):
+            for _ in range(num_res_blocks):
+                layers.append(ResBlock(cin, ch * m))
+                cin = ch * m
+            if i > 0:
+                layers += [nn.Upsample(scale_factor=2, mode="nearest"),
+                           nn.Conv2d(cin, cin, 3, padding=1)]
+        layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class Tokenizer(nn.Module):
+    """encode(x in [0,1]) -> z [N, C, h, w]; decode(z) -> x in roughly [0, 1]."""
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_channels: int,
+                 image_size: int, stochastic: bool = False, bottleneck_hidden: int = 0) -> None:
+        super().__init__()
+        self.encoder, self.decoder = encoder, decoder
+        self.stochastic = stochastic
+        out = latent_channels * (2 if stochastic else 1)
+        feat = encoder.out_features
+        hidden = bottleneck_hidden or 2 * feat
+        self.bottleneck = nn.Sequential(nn.Conv2d(feat, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out, 1))
+        self.latent_channels = latent_channels
+        side = image_size // encoder.downsample
+        if side * encoder.downsample != image_size:
+            raise ValueError(f"image size {image_size} is not divisible by the encoder's "
+                             f"downsampling factor {encoder.downsample}")
+        self.latent_shape = (latent_channels, side, side)
+
+    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h = self.bottleneck(self.encoder(x * 2.0 - 1.0))
+        if not self.stochastic:
+            return h, None
+        mean, logvar = h.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)  # the LDM clamp keeps exp() finite
+
+    def encode(self, x: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, logvar = self.posterior(x)
+        if sample and logvar is not None:
+            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            return mean + (0.5 * logvar).exp() * eps
+        return mean
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return (self.decoder(z) + 1.0) * 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def build_tokenizer(cfg: dict, image_size: int, in_channels: int, stochastic: bool) -> Tokenizer:
+    """Build from the tokenizer preset's ``encoder``/``decoder`` sections (``name`` + kwargs)."""
+    enc_cfg = dict(cfg["encoder"]); dec_cfg = dict(cfg["decoder"])
+    c = int(cfg["latent_channels"])
+    encoder = ENCODERS.get(enc_cfg.pop("name"))(in_channels=in_channels, **enc_cfg)
+    decoder = DECODERS.get(dec_cfg.pop("name"))(latent_channels=c, out_channels=in_channels, **dec_cfg)
+    return Tokenizer(encoder, decoder, c, image_size, stochastic=stochastic,
+                     bottleneck_hidden=int(cfg.get("bottleneck_hidden", 0)))

@@ -1,0 +1,5 @@
+"""Registries of encoder and decoder architectures."""
+from benchmark.registry import Registry
+
+ENCODERS: Registry = Registry("encoder")
+DECODERS: Registry = Registry("decoder")
