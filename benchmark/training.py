@@ -25,7 +25,7 @@ class NonFiniteLossError(FloatingPointError):
 
 def check_finite(value: torch.Tensor, stage: str, step: int, what: str = "loss") -> None:
     if not torch.isfinite(value).all():
-        raise NonFiniteLossError(f"stage {stage!r}: {what} is {float(value)} at step {step}; "
+        raise NonFiniteLossError(f"stage {stage!r}: {what} is {float(value.detach())} at step {step}; "
                                  f"lower the learning rate or the matching weight, or check the inputs")
 
 

@@ -2,6 +2,7 @@
 kill -9 with identical results, and a failing stage that does not stop the grid."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import signal
@@ -45,6 +46,7 @@ def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplo
         assert not list(d.glob("*.tmp-*")) and not (d / "ckpt.pt").exists()
     # A rerun skips every finished stage.
     caplog.clear()
+    caplog.set_level(logging.INFO)
     t0 = time.perf_counter()
     assert grid.main(tiny_overrides) == 0
     assert "0 to run" in caplog.text
@@ -100,3 +102,16 @@ def test_bad_config_rejected_before_work(tmp_path, caplog):
     assert grid.main([f"run_root={tmp_path}", "prior.name=nope"]) == 2
     assert "gaussian" in caplog.text
     assert not (tmp_path / "stages").exists()
+
+
+@pytest.mark.slow
+def test_trained_teacher_cell_runs_every_stage(tiny_overrides, tmp_path):
+    """A gmm cell with a trained teacher: reference -> teacher -> ... -> gen_eval."""
+    over = tiny_overrides + ["grid=single", "prior=gmm", "loss.teacher=trained",
+                             "loss.teacher_steps=6", "loss.teacher_batch_size=16"]
+    assert grid.main(over) == 0
+    runs = tmp_path / "runs"
+    (teacher,) = list(runs.glob("stages/teacher/*"))
+    assert (teacher / "teacher.pt").exists()
+    df = pd.read_csv(_sweep_dir(runs) / "results.csv")
+    assert df.loc[0, "dm_teacher"] == "trained" and math.isfinite(df.loc[0, "gfid"])

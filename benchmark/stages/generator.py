@@ -56,7 +56,7 @@ def run(node: Node) -> dict:
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), float(gc["grad_clip"]))
         opt.step(); sched.step(); ema.update(model)
-        recent = (recent + [float(loss)])[-100:]
+        recent = (recent + [float(loss.detach())])[-100:]
         bar.update(1)
         if ckpt.due(step + 1) and step + 1 < steps:
             ckpt.save(step + 1, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
