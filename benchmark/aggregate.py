@@ -19,7 +19,8 @@ from benchmark.store import read_json, write_text
 log = logging.getLogger(__name__)
 
 KEY_COLS = ["dataset", "prior", "loss", "lambda", "tokenizer", "generator", "seed"]
-METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "is", "precision", "recall", "n_samples",
+METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "is", "precision", "recall", "fd_mobilenet_v2",
+           "rfd_mobilenet_v2", "n_samples",
            "n_ref", "latent_swd_to_prior", "dm_teacher", "detector", "ref_features_sha256"]
 STAGES_TIMED = ["reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"]
 
@@ -77,7 +78,44 @@ def markdown(df: pd.DataFrame, cols: list[str]) -> str:
 
 
 SUMMARY = KEY_COLS + ["status", "rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall",
+                      "rfd_mobilenet_v2", "fd_mobilenet_v2",
                       "latent_swd_to_prior", "n_samples", "n_ref", "dm_teacher"]
+
+
+SEED_METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall"]
+
+
+def over_seeds(wide: pd.DataFrame) -> pd.DataFrame:
+    """Mean and std over seeds of each (dataset, prior, loss, lambda, presets) group."""
+    keys = [k for k in KEY_COLS if k != "seed"]
+    done = wide[wide["status"] == "done"].copy()
+    rows = []
+    for key, grp in done.groupby(keys, dropna=False, sort=False):
+        row = dict(zip(keys, key))
+        row["n_seeds"] = len(grp)
+        for m in SEED_METRICS:
+            vals = pd.to_numeric(grp[m], errors="coerce").dropna()
+            row[m] = vals.mean() if len(vals) else None
+            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else None
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _pm(mean: Any, std: Any) -> str:
+    if mean is None or (isinstance(mean, float) and math.isnan(mean)):
+        return "–"
+    if std is None or (isinstance(std, float) and math.isnan(std)):
+        return f"{mean:.4g}"
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def seeds_markdown(summary: pd.DataFrame) -> str:
+    keys = [k for k in KEY_COLS if k != "seed"] + ["n_seeds"]
+    lines = ["| " + " | ".join(keys + SEED_METRICS) + " |", "|" + "---|" * (len(keys) + len(SEED_METRICS))]
+    for _, r in summary.iterrows():
+        cells = [_fmt(r[k]) for k in keys] + [_pm(r[m], r[f"{m}_std"]) for m in SEED_METRICS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def write_tables(sweep_dir: Path, run_root: Path) -> pd.DataFrame:
@@ -86,7 +124,10 @@ def write_tables(sweep_dir: Path, run_root: Path) -> pd.DataFrame:
     buf = wide.to_csv(index=False)
     write_text(sweep_dir / "results.csv", buf)
     write_text(sweep_dir / "results_long.csv", to_long(wide).to_csv(index=False))
-    md = "# Results\n\n" + markdown(wide, SUMMARY)
+    summary = over_seeds(wide)
+    write_text(sweep_dir / "results_over_seeds.csv", summary.to_csv(index=False))
+    md = "# Results\n\n## Per cell\n\n" + markdown(wide, SUMMARY)
+    md += "\n## Mean ± std over seeds (finished cells)\n\n" + seeds_markdown(summary)
     md += ("\nFID values use the sample counts in `n_samples`/`n_ref` and the detector in "
            "results.csv; compare them only at equal counts.\n")
     write_text(sweep_dir / "results.md", md)

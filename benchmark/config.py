@@ -98,6 +98,10 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
             raise ValueError(f"cell {cell.label}: latent grid {side}x{side} is not divisible by the "
                              f"generator patch size {patch}")
         ev = c["eval"]
+        from benchmark.metrics import DETECTORS
+        for det in [ev["detector"], *ev.get("extra_detectors", [])]:
+            if det not in DETECTORS:
+                raise RegistryError(f"unknown detector {det!r}. Known detectors: {', '.join(sorted(DETECTORS))}")
         if ev["n_samples"] < 2 or ev["n_ref"] < 2:
             raise ValueError("eval.n_samples and eval.n_ref must be at least 2 for a covariance")
         if c["loss"]["name"] == "dm" and c["loss"].get("teacher") not in ("auto", "exact", "trained"):

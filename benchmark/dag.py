@@ -67,12 +67,25 @@ def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
     return not has_exact
 
 
+# Documentation-only keys: editing a preset's prose must not invalidate finished runs.
+DOC_KEYS = frozenset({"reproduces", "description", "epochs"})
+
+
+def _strip_docs(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _strip_docs(v) for k, v in obj.items() if k not in DOC_KEYS}
+    if isinstance(obj, list):
+        return [_strip_docs(v) for v in obj]
+    return obj
+
+
 class DagBuilder:
     def __init__(self, run_root: Path) -> None:
         self.run_root = Path(run_root)
         self.nodes: dict[str, Node] = {}
 
     def _node(self, stage: str, cfg: dict, slc: dict, deps: dict[str, Node], cell: Cell) -> Node:
+        slc = _strip_docs(slc)
         key_src = {"v": STAGE_VERSION[stage], "slice": slc, "deps": {r: n.key for r, n in deps.items()}}
         key = f"{stage}-{stable_hash(key_src)}"
         node = self.nodes.get(key)
@@ -85,7 +98,8 @@ class DagBuilder:
     def add_cell(self, cell: Cell) -> dict[str, Node]:
         c = cell.cfg
         ev = c["eval"]
-        detector = {"detector": ev["detector"], "precision": ev["precision"]}
+        detector = {"detector": ev["detector"], "extra_detectors": ev.get("extra_detectors", []),
+                    "precision": ev["precision"]}
         shape = latent_shape(c)
         out: dict[str, Node] = {}
         out["fid_ref"] = self._node("fid_ref", c, {"data": _data_slice(c), "split": "test",
@@ -104,12 +118,13 @@ class DagBuilder:
         out["tokenizer"] = self._node("tokenizer", c, {"data": _data_slice(c), "tokenizer": c["tokenizer"],
                                                        "prior": c["prior"], "loss": c["loss"],
                                                        "seed": cell.seed}, tok_deps, cell)
-        out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], **detector},
+        out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector},
                                        {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"]}, cell)
         out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,
                                                        "num_classes": c["dataset"]["num_classes"]},
                                       {"tokenizer": out["tokenizer"]}, cell)
         out["gen_eval"] = self._node("gen_eval", c, {"n": ev["n_samples"], "sampler": ev["sampler"],
+                                                     "kid": ev["kid_subset_size"],
                                                      "seed": cell.seed, **detector},
                                      {"generator": out["generator"], "tokenizer": out["tokenizer"],
                                       "fid_ref": out["fid_ref"]}, cell)

@@ -63,3 +63,8 @@ def test_changing_upstream_config_changes_downstream_keys(tmp_path):
 def test_bad_plugin_module_is_reported():
     with pytest.raises(RegistryError, match="no_such_plugin_mod"):
         config.load(["grid=single", "plugins=[no_such_plugin_mod]"])
+
+
+def test_unknown_detector_rejected():
+    with pytest.raises(RegistryError, match="inception-v3-compat"):
+        config.load(["grid=single", "eval.extra_detectors=[dinov2-nope]"])

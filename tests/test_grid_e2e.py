@@ -31,13 +31,15 @@ def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplo
     sweep = _sweep_dir(tmp_path / "runs")
     df = pd.read_csv(sweep / "results.csv")
     assert set(df["loss"]) == {"dm", "kl"}
-    for col in ("rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall"):
+    for col in ("rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall", "fd_mobilenet_v2",
+                "rfd_mobilenet_v2"):
         assert df[col].map(lambda v: math.isfinite(float(v))).all(), col
     assert (df["status"] == "done").all()
     assert (df["n_samples"] == 20).all() and df["detector"].str.contains("inception").all()
+    assert df["ref_features_sha256"].nunique() == 1 and (df["n_ref"] == 20).all()
     assert df["is"].isna().all()  # the offline Inception has no logits: IS unavailable, not 0
     assert (sweep / "tradeoff.png").stat().st_size > 1000
-    assert (sweep / "results.md").read_text().count("| gaussian |") == 2
+    assert (sweep / "results.md").read_text().count("| gaussian |") == 4  # per cell + over seeds
     long = pd.read_csv(sweep / "results_long.csv")
     assert {"metric", "value"} <= set(long.columns)
     stages = tmp_path / "runs" / "stages"

@@ -68,6 +68,28 @@ def encode_all(tok, images: ImageSet, batch_size: int = 500, device: torch.devic
     return torch.cat(out)
 
 
+def features_file(name: str, primary: bool) -> str:
+    return "features.pt" if primary else f"features_{name}.pt"
+
+
+def metric_slug(detector: str) -> str:
+    """mobilenet_v2-imagenet -> mobilenet_v2 (column names like fd_mobilenet_v2)."""
+    return detector.split("-")[0]
+
+
+def extra_fds(ev: dict[str, Any], images_u8: torch.Tensor, ref_dir: Path, prefix: str) -> dict[str, float]:
+    """Fréchet distances with the extra detectors (e.g. supervised MobileNetV2), by name."""
+    from benchmark.metrics import build_detector, feature_statistics, frechet_distance
+    out: dict[str, float] = {}
+    for name in ev.get("extra_detectors", []):
+        det = build_detector(name, ev["precision"])
+        f = det.features(images_u8, batch_size=int(ev["batch_size"]))["pool"]
+        ref = load_torch(ref_dir / features_file(name, primary=False))["pool"]
+        out[f"{prefix}_{metric_slug(name)}"] = frechet_distance(*feature_statistics(f), *feature_statistics(ref))
+        out[f"{prefix}_{metric_slug(name)}_detector"] = det.version
+    return out
+
+
 def image_grid(images: torch.Tensor, nrow: int, path: Path) -> None:
     """Save a [N, C, H, W] batch in [0, 1] as a PNG grid (atomically)."""
     import io

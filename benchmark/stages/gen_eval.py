@@ -7,7 +7,7 @@ import torch
 
 from benchmark.dag import Node, latent_shape
 from benchmark.metrics import build_detector, generation_metrics, to_uint8_rgb
-from benchmark.stages.common import image_grid, load_tokenizer
+from benchmark.stages.common import extra_fds, image_grid, load_tokenizer
 from benchmark.stages.generator import build_model
 from benchmark.store import load_torch
 from generators import balanced_labels, sample
@@ -40,12 +40,14 @@ def run(node: Node) -> dict:
     order = torch.argsort(labels[:100], stable=True)
     image_grid(x[:100][order], 10, node.dir / "samples.png")
     det = build_detector(ev["detector"], ev["precision"])
-    feats = det.features(to_uint8_rgb(x), batch_size=bs)
-    ref = load_torch(node.deps["fid_ref"].dir / "features.pt")
-    m = generation_metrics(feats, ref, seed=int(cfg["seed"]))
+    u8 = to_uint8_rgb(x)
+    feats = det.features(u8, batch_size=bs)
+    ref_dir = node.deps["fid_ref"].dir
+    m = generation_metrics(feats, load_torch(ref_dir / "features.pt"), seed=int(cfg["seed"]),
+                           kid_subset_size=int(ev["kid_subset_size"]))
     return {"gfid": m["fid"], "kid": m["kid_mean"], "kid_std": m["kid_std"],
             "precision": m["precision"], "recall": m["recall"], "is": m["is_mean"],
             "n_samples": n, "label_sampling": "balanced", "sampler": sc["method"],
             "sampler_steps": int(sc["steps"]), "cfg_scale": float(sc["cfg_scale"]),
             "sample_seed": int(cfg["seed"]) + 1000, "decoded_out_of_range_frac": out_of_range,
-            "detector": det.version}
+            "detector": det.version, **extra_fds(ev, u8, ref_dir, "fd")}

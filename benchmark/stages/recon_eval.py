@@ -6,7 +6,7 @@ import torch
 
 from benchmark.dag import Node
 from benchmark.metrics import build_detector, generation_metrics, psnr, ssim, to_uint8_rgb
-from benchmark.stages.common import eval_images, image_grid, load_tokenizer
+from benchmark.stages.common import eval_images, extra_fds, image_grid, load_tokenizer
 from benchmark.store import load_torch
 
 
@@ -24,8 +24,11 @@ def run(node: Node) -> dict:
     rec = torch.cat(recs)
     image_grid(torch.cat([images.float_batch(torch.arange(16)), rec[:16]]), 16, node.dir / "reconstructions.png")
     det = build_detector(ev["detector"], ev["precision"])
-    feats = det.features(to_uint8_rgb(rec), batch_size=bs)
-    ref = load_torch(node.deps["fid_ref"].dir / "features.pt")
-    m = generation_metrics(feats, ref)
+    u8 = to_uint8_rgb(rec)
+    feats = det.features(u8, batch_size=bs)
+    ref_dir = node.deps["fid_ref"].dir
+    m = generation_metrics(feats, load_torch(ref_dir / "features.pt"),
+                           kid_subset_size=int(ev["kid_subset_size"]))
     return {"psnr": float(torch.cat(ps).mean()), "ssim": float(torch.cat(ss).mean()),
-            "rfid": m["fid"], "n_recon": len(images), "detector": det.version}
+            "rfid": m["fid"], "n_recon": len(images), "detector": det.version,
+            **extra_fds(ev, u8, ref_dir, "rfd")}

@@ -1,0 +1,40 @@
+"""Presets are internally consistent and say what they reproduce."""
+from pathlib import Path
+
+import pytest
+
+from benchmark import config, dag
+from generators import GENERATORS
+
+CONF = Path(config.__file__).parent / "conf"
+
+
+def _names(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", _names("generator"))
+def test_generator_preset_epochs_match_steps(preset):
+    _, (cell,) = config.load(["grid=single", f"generator={preset}"])
+    g = cell.cfg["generator"]
+    assert g["preset"] == preset and g["reproduces"].strip()
+    assert g["model"] in GENERATORS
+    epochs = g["steps"] * g["batch_size"] / g["train_images"]
+    assert epochs == pytest.approx(g["epochs"], rel=0.01), (preset, epochs)
+
+
+def test_paper_generator_is_lightningdit_xl1_64_epochs():
+    _, (cell,) = config.load(["grid=single", "generator=paper-in256"])
+    g = cell.cfg["generator"]
+    assert (g["model"], g["model_args"]["patch_size"], g["batch_size"], g["epochs"]) == ("XL", 1, 1024, 64)
+    assert (g["lr"], tuple(g["betas"]), g["ema_decay"], g["label_dropout"]) == (2e-4, (0.9, 0.95), 0.9999, 0.1)
+
+
+@pytest.mark.parametrize("preset", _names("tokenizer"))
+def test_tokenizer_preset_consistent(preset):
+    _, (cell,) = config.load(["grid=single", f"tokenizer={preset}"])
+    t = cell.cfg["tokenizer"]
+    assert t["preset"] == preset and t["reproduces"].strip()
+    c, h, w = dag.latent_shape(cell.cfg)
+    assert h == w and h * 2 ** (len(t["encoder"]["mult"]) - 1) == cell.cfg["dataset"]["resolution"]
+    assert t["checkpoint_every"] > 0 and t["warmup_iters"] + t["match_iters"] + t["finetune_iters"] > 0
