@@ -15,7 +15,7 @@ from benchmark.store import stable_hash
 
 # Bump when a stage's outputs change meaning, so old run directories are not reused.
 STAGE_VERSION = {"fid_ref": 1, "reference": 1, "teacher": 1, "tokenizer": 1, "recon_eval": 1,
-                 "generator": 1, "gen_eval": 1}
+                 "generator": 2, "gen_eval": 1}
 STAGES = tuple(STAGE_VERSION)
 
 

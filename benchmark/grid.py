@@ -58,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     if launcher != "local":
         log.error("launcher %r is not available in this build; use launcher=local", launcher)
         return 2
-    status = run_local(order)
+    try:
+        status = run_local(order)
+    except KeyboardInterrupt:
+        # Finished stages and the running stage's last checkpoint are on disk already.
+        log.warning("interrupted: rerun the same command to continue where this run stopped")
+        return 130
     wide = aggregate.write_tables(sweep_dir, Path(base["run_root"]).resolve())
     aggregate.tradeoff_plot(wide, sweep_dir / "tradeoff.png")
     failed = [k for k, s in status.items() if s != "done"]

@@ -1,29 +1,148 @@
 """Stage 5: train the latent generator (flow-matching DiT) on the tokenizer's normalised
-latents of the training split, with EMA weights for sampling."""
+latents of the training split, with EMA weights for sampling.
+
+Data parallel (torchrun or SLURM tasks, see benchmark/distributed.py and benchmark/run_stage.py):
+the model is wrapped in DistributedDataParallel and generator.batch_size stays the *global*
+batch. Every rank draws the whole global batch (indices, t, noise, label-dropout mask) from one
+generator seeded by (seed, step) and computes only its slice, so N processes see exactly the
+inputs one process sees, and the averaged gradient is the full-batch gradient up to the order of
+float sums. Label dropout is therefore applied here, with the model's own dropout switched off.
+Seeding by step also makes resume exact with no RNG state in the checkpoint, and lets a run
+checkpointed with one world size continue with another.
+"""
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
+from benchmark import distributed
 from benchmark.dag import Node, latent_shape
 from benchmark.data import subset
+from benchmark.distributed import DistInfo
 from benchmark.stages.common import dataset, encode_all, load_tokenizer
-from benchmark.store import save_torch
+from benchmark.store import save_torch, stable_hash
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
-from generators import EMA, build_generator, flow_matching_loss
+from generators import EMA, build_generator, interpolate, sample_t, velocity_target
 
 log = logging.getLogger(__name__)
 
+SUPPORTS_DISTRIBUTED = True  # benchmark.run_stage refuses world_size > 1 for other stages
 
-def build_model(cfg: dict) -> torch.nn.Module:
+
+def label_dropout(cfg: dict) -> float:
+    g = cfg["generator"]
+    return float(g.get("model_args", {}).get("class_dropout_prob", g["label_dropout"]))
+
+
+def build_model(cfg: dict, class_dropout_prob: float | None = None) -> torch.nn.Module:
+    """The configured generator; class_dropout_prob=0 when the caller drops labels itself."""
     g = cfg["generator"]
     c, h, _ = latent_shape(cfg)
     args = dict(g.get("model_args", {}))
-    args.setdefault("class_dropout_prob", float(g["label_dropout"]))
+    args["class_dropout_prob"] = label_dropout(cfg) if class_dropout_prob is None else class_dropout_prob
     return build_generator(g["model"], input_size=h, in_channels=c,
                            num_classes=int(cfg["dataset"]["num_classes"]), **args)
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    # torch's CPU generator (mt19937) uses only the low 32 bits of a seed, so the seed stays in
+    # 32 bits: a per-run offset from the cell seed, plus the step (no two steps of a run collide).
+    base = int(stable_hash(["generator-batch", int(seed)], 8), 16)
+    return torch.Generator(device=device).manual_seed((base + step) % 2**32)
+
+
+@dataclass
+class Batch:
+    idx: torch.Tensor   # [B] rows of the latent table
+    t: torch.Tensor     # [B] path times
+    eps: torch.Tensor   # [B, C, H, W] noise
+    drop: torch.Tensor  # [B] bool: replace the label by the null label
+
+    def part(self, rank: int, world_size: int) -> "Batch":
+        n = self.idx.shape[0] // world_size
+        s = slice(rank * n, (rank + 1) * n)
+        return Batch(self.idx[s], self.t[s], self.eps[s], self.drop[s])
+
+
+def draw_batch(g: torch.Generator, n_items: int, batch_size: int, shape: tuple[int, ...],
+               t_kind: str, p_drop: float) -> Batch:
+    """The global batch of one step; the draw order is fixed, so every rank gets the same."""
+    dev = g.device
+    idx = torch.randint(n_items, (batch_size,), generator=g, device=dev)
+    t = sample_t(batch_size, t_kind, generator=g, device=dev)
+    eps = torch.randn(batch_size, *shape, generator=g, device=dev)
+    drop = torch.rand(batch_size, generator=g, device=dev) < p_drop
+    return Batch(idx, t, eps, drop)
+
+
+def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
+          info: DistInfo | None = None) -> dict:
+    """Train on (z_all, y_all) and write ema.pt to out_dir (rank 0); returns the stage's facts."""
+    gc, seed = cfg["generator"], int(cfg["seed"])
+    info = info or distributed.current(cfg.get("device", "auto"))
+    steps, bs, dev = int(gc["steps"]), int(gc["batch_size"]), info.device
+    if bs % info.world_size:
+        raise ValueError(f"generator.batch_size={bs} is the global batch and must divide evenly over "
+                         f"{info.world_size} processes; use a multiple of {info.world_size}")
+    torch.manual_seed(seed + 1)
+    model = build_model(cfg, class_dropout_prob=0.0).to(dev).train()
+    p_drop = label_dropout(cfg)
+    ema = EMA(model, float(gc["ema_decay"]))
+    opt = torch.optim.AdamW(model.parameters(), lr=float(gc["lr"]), betas=tuple(gc["betas"]),
+                            weight_decay=float(gc["weight_decay"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(int(gc["lr_warmup_steps"])))
+    ckpt = Checkpoint(Path(out_dir) / "ckpt.pt", int(gc["checkpoint_every"]))
+    start = 0
+    if (state := ckpt.load()) is not None:  # every rank loads the same file
+        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
+        start = state["step"]
+    distributed.barrier()  # all ranks have read ckpt.pt before rank 0 may replace it
+    net = model
+    if info.distributed:
+        # Buffers are fixed tables (RoPE, sin-cos): nothing to sync at each forward.
+        net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                      forward_sync_buffers=False)
+    shape = tuple(z_all.shape[1:])
+    t0, recent = time.perf_counter(), []
+    bar = progress(steps, "generator", start) if info.is_main else tqdm(disable=True)
+    for step in range(start, steps):
+        b = draw_batch(step_generator(seed, step, dev), len(z_all), bs, shape, gc["t_sampling"],
+                       p_drop).part(info.rank, info.world_size)
+        idx = b.idx.cpu()
+        z = z_all[idx].to(dev, non_blocking=True)
+        y = torch.where(b.drop, model.null_label, y_all[idx].to(dev, non_blocking=True))
+        v = net(interpolate(z, b.eps, b.t), b.t, y)
+        loss = F.mse_loss(v.float(), velocity_target(z, b.eps).float())
+        # The mean over ranks is the full-batch loss; checking it (not the local one) makes every
+        # rank stop at the same step instead of leaving the others waiting in a collective.
+        mean_loss = distributed.all_reduce_mean(loss.detach())
+        check_finite(mean_loss, "generator", step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), float(gc["grad_clip"]))
+        opt.step(); sched.step(); ema.update(model)
+        recent = (recent + [float(mean_loss)])[-100:]
+        bar.update(1)
+        if info.is_main and ckpt.due(step + 1) and step + 1 < steps:
+            ckpt.save(step + 1, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
+                      sched=sched.state_dict())
+    bar.close()
+    elapsed = time.perf_counter() - t0
+    if info.is_main:
+        save_torch(Path(out_dir) / "ema.pt", {k: v.cpu() for k, v in ema.module.state_dict().items()})
+        ckpt.remove()
+    distributed.barrier()
+    return {"generator_final_fm_loss": sum(recent) / max(1, len(recent)),
+            "generator_steps_per_s": (steps - start) / max(elapsed, 1e-9),
+            "generator_params": sum(p.numel() for p in model.parameters()),
+            "generator_world_size": info.world_size}
 
 
 def run(node: Node) -> dict:
@@ -31,40 +150,6 @@ def run(node: Node) -> dict:
     seed = int(cfg["seed"])
     torch.manual_seed(seed + 1)
     tok, lnorm = load_tokenizer(node.deps["tokenizer"])
-    train = subset(dataset(cfg, "train"), int(gc["train_images"]), seed=seed)
-    z_all = lnorm.normalize(encode_all(tok, train))
-    y_all = train.labels
-    model = build_model(cfg).train()
-    ema = EMA(model, float(gc["ema_decay"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(gc["lr"]), betas=tuple(gc["betas"]),
-                            weight_decay=float(gc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(int(gc["lr_warmup_steps"])))
-    steps, bs = int(gc["steps"]), int(gc["batch_size"])
-    data_rng = torch.Generator().manual_seed(seed + 11)
-    ckpt = Checkpoint(node.dir / "ckpt.pt", int(gc["checkpoint_every"]))
-    start = 0
-    if (state := ckpt.load()) is not None:
-        model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"]); sched.load_state_dict(state["sched"])
-        data_rng.set_state(state["data_rng"]); start = state["step"]
-    t0, recent = time.perf_counter(), []
-    bar = progress(steps, "generator", start)
-    for step in range(start, steps):
-        idx = torch.randint(len(z_all), (bs,), generator=data_rng)
-        loss = flow_matching_loss(model, z_all[idx], y_all[idx], t_kind=gc["t_sampling"])
-        check_finite(loss, "generator", step)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(gc["grad_clip"]))
-        opt.step(); sched.step(); ema.update(model)
-        recent = (recent + [float(loss.detach())])[-100:]
-        bar.update(1)
-        if ckpt.due(step + 1) and step + 1 < steps:
-            ckpt.save(step + 1, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
-                      sched=sched.state_dict(), data_rng=data_rng.get_state())
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    save_torch(node.dir / "ema.pt", ema.module.state_dict())
-    ckpt.remove()
-    return {"generator_final_fm_loss": sum(recent) / max(1, len(recent)),
-            "generator_steps_per_s": (steps - start) / max(elapsed, 1e-9),
-            "generator_params": sum(p.numel() for p in model.parameters())}
+    train_set = subset(dataset(cfg, "train"), int(gc["train_images"]), seed=seed)
+    z_all = lnorm.normalize(encode_all(tok, train_set))
+    return train(cfg, z_all, train_set.labels, node.dir)
