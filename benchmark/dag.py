@@ -125,6 +125,8 @@ class DagBuilder:
                                       {"tokenizer": out["tokenizer"]}, cell)
         out["gen_eval"] = self._node("gen_eval", c, {"n": ev["n_samples"], "sampler": ev["sampler"],
                                                      "kid": ev["kid_subset_size"],
+                                                     # optional keys enter the hash only when set
+                                                     **{k: ev[k] for k in ("labels", "ref_npz") if ev.get(k)},
                                                      "seed": cell.seed, **detector},
                                      {"generator": out["generator"], "tokenizer": out["tokenizer"],
                                       "fid_ref": out["fid_ref"]}, cell)

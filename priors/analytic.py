@@ -87,7 +87,7 @@ class GMMPrior:
         x = x_t.reshape(n, -1).double()
         tt = t.reshape(n, 1).double()
         var = tt ** 2 * self.s ** 2 + (1 - tt) ** 2                  # per-component variance of x_t
-        means = self.means.double()
+        means = self.means.to(device=x.device, dtype=torch.float64)
         diff = x[:, None, :] - tt[:, :, None] * means[None]           # [n, K, D]
         logp = -0.5 * (diff ** 2).sum(-1) / var                        # equal weights, shared var
         r = torch.softmax(logp, dim=1)                                 # responsibilities [n, K]

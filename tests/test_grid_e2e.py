@@ -2,6 +2,7 @@
 kill -9 with identical results, and a failing stage that does not stop the grid."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -109,11 +111,20 @@ def test_bad_config_rejected_before_work(tmp_path, caplog):
 @pytest.mark.slow
 def test_trained_teacher_cell_runs_every_stage(tiny_overrides, tmp_path):
     """A gmm cell with a trained teacher: reference -> teacher -> ... -> gen_eval."""
+    npz = tmp_path / "ref_stats.npz"  # an ADM-style statistics file (mu, sigma)
+    rng = np.random.default_rng(0)
+    np.savez(npz, mu=rng.normal(size=2048), sigma=np.eye(2048))
     over = tiny_overrides + ["grid=single", "prior=gmm", "loss.teacher=trained",
-                             "loss.teacher_steps=6", "loss.teacher_batch_size=16"]
+                             "loss.teacher_steps=6", "loss.teacher_batch_size=16",
+                             "++eval.labels=random", "eval.sampler.cfg_scale=2.0",
+                             "++eval.sampler.cfg_interval=[0.3,1.0]", f"++eval.ref_npz={npz}"]
     assert grid.main(over) == 0
     runs = tmp_path / "runs"
     (teacher,) = list(runs.glob("stages/teacher/*"))
     assert (teacher / "teacher.pt").exists()
     df = pd.read_csv(_sweep_dir(runs) / "results.csv")
     assert df.loc[0, "dm_teacher"] == "trained" and math.isfinite(df.loc[0, "gfid"])
+    (ge,) = list(runs.glob("stages/gen_eval/*"))
+    facts = json.loads((ge / "record.json").read_text())["facts"]
+    assert facts["label_sampling"] == "random" and facts["cfg_scale"] == 2.0
+    assert math.isfinite(facts["gfid_ref_npz"]) and facts["gfid_ref_npz"] != facts["gfid"]

@@ -10,7 +10,7 @@ import torch
 from benchmark.dag import Node
 from benchmark.stages.common import build_score_net, load_prior
 from benchmark.store import save_torch
-from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
+from benchmark.training import Checkpoint, check_finite, progress, resolve_device, warmup_lambda
 from generators import flow_matching_loss, random_labels
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 def run(node: Node) -> dict:
     cfg, loss_cfg = node.cfg, node.cfg["loss"]
     prior = load_prior(node)
-    net = build_score_net(cfg).train()
+    device = resolve_device(cfg["device"])
+    net = build_score_net(cfg).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(100))
     steps, bs = int(loss_cfg["teacher_steps"]), int(loss_cfg["teacher_batch_size"])
@@ -36,7 +37,7 @@ def run(node: Node) -> dict:
     for step in range(start, steps):
         y = random_labels(bs, ncls, generator=gen)
         z = prior.sample(bs, generator=gen, labels=y)
-        loss = flow_matching_loss(net, z, y)
+        loss = flow_matching_loss(net, z.to(device), y.to(device))
         check_finite(loss, "teacher", step)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -47,7 +48,7 @@ def run(node: Node) -> dict:
             ckpt.save(step + 1, model=net.state_dict(), opt=opt.state_dict(),
                       sched=sched.state_dict(), data_rng=gen.get_state())
     bar.close()
-    save_torch(node.dir / "teacher.pt", net.state_dict())
+    save_torch(node.dir / "teacher.pt", {k: v.cpu() for k, v in net.state_dict().items()})
     ckpt.remove()
     elapsed = time.perf_counter() - t0
     return {"teacher_final_fm_loss": sum(recent) / max(1, len(recent)),

@@ -20,7 +20,7 @@ from benchmark.dag import Node, latent_shape
 from benchmark.stages.common import build_score_net, build_tokenizer_for, dataset, encode_all, load_prior
 from benchmark.data import subset
 from benchmark.store import load_torch, save_torch, write_json
-from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
+from benchmark.training import Checkpoint, check_finite, progress, resolve_device, warmup_lambda
 from priors import LOSSES, ExactTeacher
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,9 @@ def run(node: Node) -> dict:
     torch.manual_seed(seed)
     train = dataset(cfg, "train")
     prior = load_prior(node)
-    tok = build_tokenizer_for(cfg).train()
-    match = build_matching_loss(node, prior)
+    device = resolve_device(cfg["device"])
+    tok = build_tokenizer_for(cfg).train().to(device)
+    match = build_matching_loss(node, prior).to(device)  # moves dm's fake/teacher, discriminators
     prior_norm = getattr(prior, "latent_norm", None)  # feature priors normalise their features
     opt = torch.optim.AdamW(tok.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
                             weight_decay=float(tc["weight_decay"]))
@@ -83,7 +84,7 @@ def run(node: Node) -> dict:
     bar = progress(total, "tokenizer", start)
     for it in range(start, total):
         idx = torch.randint(len(train), (bs,), generator=data_rng)
-        x, y = train.float_batch(idx), train.labels[idx]
+        x, y = train.float_batch(idx).to(device), train.labels[idx].to(device)
         phase = "warmup" if it < w_it else ("match" if it < w_it + m_it else "finetune")
         if phase == "finetune":
             with torch.no_grad():  # encoder + bottleneck frozen: they get no gradient
@@ -128,9 +129,9 @@ def run(node: Node) -> dict:
     elapsed = time.perf_counter() - t0
     tok.eval()
     from tokenizers import LatentNorm
-    z_all = encode_all(tok, subset(train, int(tc["norm_images"]), seed=seed))
+    z_all = encode_all(tok, subset(train, int(tc["norm_images"]), seed=seed), device=device)
     lnorm = LatentNorm.fit(z_all)
-    save_torch(node.dir / "tokenizer.pt", tok.state_dict())
+    save_torch(node.dir / "tokenizer.pt", {k: v.cpu() for k, v in tok.state_dict().items()})
     lnorm.save(node.dir / "latent_norm.json")
     swd = _swd_to_prior(norm(z_all), prior)
     ckpt.remove()
