@@ -1,0 +1,1 @@
+"""Example third-party prior package for dmvae-prior-bench."""

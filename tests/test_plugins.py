@@ -1,0 +1,44 @@
+"""A prior from a separately installed package (entry point), and one named in `plugins=`."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+PLUGIN = Path(__file__).parent / "plugins" / "dmvae_example_prior"
+
+
+@pytest.fixture(scope="module")
+def installed_plugin():
+    """pip-install the example plugin package into this test environment."""
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", str(PLUGIN)]
+    subprocess.run(cmd, check=True, capture_output=True)
+    yield
+    subprocess.run([sys.executable, "-m", "pip", "uninstall", "-q", "-y", "dmvae-example-prior"],
+                   check=False, capture_output=True)
+
+
+@pytest.mark.slow
+def test_entry_point_plugin_runs_a_grid_cell(installed_plugin, tiny_overrides, tmp_path):
+    # A fresh interpreter, as a user would run it: the entry point must be found by itself.
+    over = [o for o in tiny_overrides] + ["grid=single", "prior.name=laplace", "+prior.scale=0.5",
+                                          "loss.teacher_steps=4", "loss.teacher_batch_size=8"]
+    proc = subprocess.run([sys.executable, "-m", "benchmark.grid", *over], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (csv,) = list((tmp_path / "runs" / "sweeps").glob("*/results.csv"))
+    row = pd.read_csv(csv).iloc[0]
+    assert row["prior"] == "laplace" and row["status"] == "done" and row["dm_teacher"] == "trained"
+    assert list((tmp_path / "runs" / "stages" / "teacher").iterdir())
+
+
+def test_plugin_named_in_config_and_collisions(installed_plugin):
+    from benchmark.registry import RegistryError
+    from priors import PRIORS
+    from benchmark import config
+    _, (cell,) = config.load(["grid=single", "prior.name=laplace", "plugins=[dmvae_example_prior.laplace]"])
+    assert cell.keys["prior"] == "laplace" and "laplace" in PRIORS
+    with pytest.raises(RegistryError, match="registered twice") as e:
+        PRIORS.register("laplace")(object)
+    assert "gaussian" in str(e.value)
