@@ -22,6 +22,16 @@ TINY = [
 ]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny models: on the shared 2-core machine two OpenMP
+    threads spin against other processes and ran such steps ~5x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return TINY + [f"run_root={tmp_path / 'runs'}"]

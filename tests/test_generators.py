@@ -29,14 +29,7 @@ from generators.sampling import METHODS
 logger = logging.getLogger(__name__)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny; on the shared 2-core reference machine one intra-op thread ran
-    # the training step ~5x faster than two (two OpenMP threads spin against other processes).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny(input_size: int = 8, in_channels: int = 4, num_classes: int = 3, **kw) -> FlowDiT:

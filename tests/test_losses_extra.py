@@ -18,13 +18,7 @@ SHAPE = (4, 4, 4)
 CONF = Path(__file__).resolve().parents[1] / "benchmark" / "conf" / "loss"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The suite shares two cores with timed jobs; restore the conftest setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FeaturePrior:
