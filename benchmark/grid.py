@@ -55,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     log.info("sweep %s: %d cells, %d stages -> %s", base["grid"]["name"], len(cells), len(order), sweep_dir)
     launcher = base["launcher"]["name"]
+    if launcher == "slurm":  # submits the stages as SLURM jobs and returns
+        from benchmark.launch_slurm import launch
+        return launch(base, order, sweep_dir, overrides)
     if launcher != "local":
         log.error("launcher %r is not available in this build; use launcher=local", launcher)
         return 2
