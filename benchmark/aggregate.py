@@ -131,6 +131,8 @@ def write_tables(sweep_dir: Path, run_root: Path) -> pd.DataFrame:
     md += ("\nFID values use the sample counts in `n_samples`/`n_ref` and the detector in "
            "results.csv; compare them only at equal counts.\n")
     write_text(sweep_dir / "results.md", md)
+    cols = [c for c in SUMMARY if c in wide.columns]
+    write_text(sweep_dir / "results.tex", wide[cols].to_latex(index=False, na_rep="--", float_format="%.4g"))
     return wide
 
 

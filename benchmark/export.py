@@ -3,7 +3,7 @@
 The destination holds everything the figures and the report need, with no run directories:
 the tables, the resolved configs, and per cell its stage records, logs and image grids:
 
-    <dest>/results.csv, results_long.csv, results_over_seeds.csv, results.md, tradeoff.png,
+    <dest>/results.csv, results_long.csv, results_over_seeds.csv, results.md, results.tex, tradeoff.png,
            config.yaml, cell_configs.yaml, cells.json
     <dest>/cells/<cell_id>/<stage>.json        the stage's record (facts, wall time)
     <dest>/cells/<cell_id>/<stage>.log         the stage's log
@@ -20,8 +20,8 @@ from pathlib import Path
 from benchmark.store import read_json, write_bytes, write_json
 
 log = logging.getLogger("benchmark.export")
-SWEEP_FILES = ("results.csv", "results_long.csv", "results_over_seeds.csv", "results.md", "tradeoff.png",
-               "config.yaml", "cell_configs.yaml", "cells.json")
+SWEEP_FILES = ("results.csv", "results_long.csv", "results_over_seeds.csv", "results.md", "results.tex",
+               "tradeoff.png", "config.yaml", "cell_configs.yaml", "cells.json")
 IMAGES = {"gen_eval": "samples.png", "recon_eval": "reconstructions.png"}
 
 

@@ -54,6 +54,8 @@ def test_aggregate_handles_missing_and_failed(tmp_path):
     assert abs(seeds.loc["gaussian", "gfid_std"] - 2 ** 0.5 * 2) < 1e-9
     md = (sweep / "results.md").read_text()
     assert "52 ± 2.8" in md and "| failed |" in md
+    tex = (sweep / "results.tex").read_text()
+    assert "\\begin{tabular}" in tex and "gaussian" in tex
     long = pd.read_csv(sweep / "results_long.csv")
     assert set(long.columns) >= {"prior", "seed", "metric", "value"}
     assert not ((long["prior"] == "gmm") & (long["metric"] == "gfid")).any()
