@@ -60,7 +60,7 @@ def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
     if mode == "trained":
         return True
     from priors import PRIORS, has_exact_velocity
-    has_exact = callable(getattr(PRIORS.get(cfg["prior"]["name"]), "velocity", None))
+    has_exact = has_exact_velocity(PRIORS.get(cfg["prior"]["name"]))
     if mode == "exact" and not has_exact:
         raise ValueError(f"loss.teacher=exact but prior {cfg['prior']['name']!r} has no closed-form score; "
                          f"use loss.teacher=trained or auto")

@@ -13,14 +13,13 @@ import socket
 import time
 import traceback
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 import yaml
 
 from benchmark.dag import Node
 from benchmark.stages import runner
-from benchmark.store import read_json, write_json, write_text
+from benchmark.store import write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +57,12 @@ def run_node(node: Node) -> dict:
     return record
 
 
-def stage_state(node: Node) -> str:
-    if node.done():
-        return "done"
-    if (node.dir / "failed.json").exists():
-        return "failed"
-    return "pending"
+def write_failure(node: Node, exc: BaseException, **extra: str) -> None:
+    """Record why a stage failed (call inside the ``except`` block: it saves the traceback)."""
+    write_json(node.dir / "failed.json", {
+        "stage": node.stage, "key": node.key, "reason": f"{type(exc).__name__}: {exc}",
+        "traceback": traceback.format_exc(), "log": str(node.dir / "stage.log"), **extra,
+        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
 def run_local(order: list[Node]) -> dict[str, str]:
@@ -88,10 +87,7 @@ def run_local(order: list[Node]) -> dict[str, str]:
             rec = run_node(node)
         except Exception as exc:  # one failing stage must not stop the grid
             status[node.key] = "failed"
-            write_json(node.dir / "failed.json", {
-                "stage": node.stage, "key": node.key, "reason": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "log": str(node.dir / "stage.log"),
-                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            write_failure(node, exc)
             log.error("[%d/%d] %-10s FAILED: %s (log: %s)", i, len(todo), node.stage, exc, node.dir / "stage.log")
             continue
         status[node.key] = "done"
@@ -104,7 +100,3 @@ def _headline(facts: dict) -> str:
     keys = ("psnr", "ssim", "rfid", "gfid", "latent_swd_to_prior", "n_ref")
     return " ".join(f"{k}={facts[k]:.4g}" for k in keys if isinstance(facts.get(k), (int, float)))
 
-
-def failure(node: Node) -> dict | None:
-    p = Path(node.dir) / "failed.json"
-    return read_json(p) if p.exists() else None

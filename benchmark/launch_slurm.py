@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import shutil
 import subprocess
-import traceback
 from datetime import datetime, timezone
 from importlib import import_module
 from pathlib import Path
@@ -182,11 +181,8 @@ class StageJob(submitit.helpers.Checkpointable):
 
 
 def _write_failure(node: Node, exc: Exception, slurm_log: Path) -> None:
-    write_json(node.dir / "failed.json", {
-        "stage": node.stage, "key": node.key, "reason": f"{type(exc).__name__}: {exc}",
-        "traceback": traceback.format_exc(), "log": str(node.dir / "stage.log"),
-        "slurm_log": str(slurm_log).replace("%t", "0"),
-        "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+    from benchmark.launch import write_failure
+    write_failure(node, exc, slurm_log=str(slurm_log).replace("%t", "0"))
 
 
 class AggregateJob(submitit.helpers.Checkpointable):

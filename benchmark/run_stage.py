@@ -16,16 +16,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import traceback
-from datetime import datetime, timezone
 from importlib import import_module
 from pathlib import Path
 
 from benchmark import config, dag, distributed
 from benchmark.dag import Node
-from benchmark.launch import run_node
+from benchmark.launch import run_node, write_failure
 from benchmark.stages import runner
-from benchmark.store import write_json
 
 log = logging.getLogger("benchmark.run_stage")
 
@@ -84,10 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         distributed.barrier()  # nobody exits before rank 0 has written the record
     except Exception as exc:
         if info.is_main:
-            write_json(node.dir / "failed.json", {
-                "stage": node.stage, "key": node.key, "reason": f"{type(exc).__name__}: {exc}",
-                "traceback": traceback.format_exc(), "log": str(node.dir / "stage.log"),
-                "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+            write_failure(node, exc)
         log.error("%s FAILED on rank %d: %s", node.stage, info.rank, exc)
         return 1
     finally:

@@ -144,10 +144,8 @@ def run(node: Node) -> dict:
 
 def _swd_to_prior(z: torch.Tensor, prior, n_proj: int = 256) -> float:
     """Sliced Wasserstein-2 between the encoder's latents and samples of p_ref (flattened)."""
+    from priors.losses.swd import random_directions, sliced_w2_sq
     g = torch.Generator().manual_seed(0)
     ref = prior.sample(z.shape[0], generator=g).reshape(z.shape[0], -1)
     a = z.reshape(z.shape[0], -1)
-    proj = torch.randn(a.shape[1], n_proj, generator=g)
-    proj = proj / proj.norm(dim=0, keepdim=True)
-    pa, pr = (a @ proj).sort(0).values, (ref @ proj).sort(0).values
-    return float(((pa - pr) ** 2).mean().sqrt())
+    return float(sliced_w2_sq(a, ref, random_directions(a.shape[1], n_proj, g)).sqrt())
