@@ -9,7 +9,6 @@ is the process's peak resident set during the case (VmHWM, reset per case throug
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform

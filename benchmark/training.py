@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -68,7 +68,3 @@ class Checkpoint:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
-
-def batches(n_items: int, batch_size: int) -> Iterable[slice]:
-    for i in range(0, n_items, batch_size):
-        yield slice(i, min(n_items, i + batch_size))

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 
 from priors.losses.base import MatchingLoss
 from priors.registry import LOSSES
