@@ -70,6 +70,12 @@ class ConvDecoder(nn.Module):
                            nn.Conv2d(cin, cin, 3, padding=1)]
         layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
+        self.upsample = 2 ** (len(mult) - 1)
+
+    @property
+    def last_layer(self) -> torch.Tensor:
+        """The weight the GAN's adaptive weight is measured at (taming-transformers' convention)."""
+        return self.net[-1].weight
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -92,10 +98,18 @@ class Tokenizer(nn.Module):
         if side * encoder.downsample != image_size:
             raise ValueError(f"image size {image_size} is not divisible by the encoder's "
                              f"downsampling factor {encoder.downsample}")
+        up = getattr(decoder, "upsample", encoder.downsample)
+        if up != encoder.downsample:
+            raise ValueError(f"the decoder upsamples by {up} but the encoder downsamples by "
+                             f"{encoder.downsample}: reconstructions would not be {image_size} px")
         self.latent_shape = (latent_channels, side, side)
 
-    def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        h = self.bottleneck(self.encoder(x * 2.0 - 1.0))
+    def posterior(self, x: torch.Tensor, freeze_encoder: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """freeze_encoder: no gradient into the encoder (DMVAE stage 1: only MLP + decoder learn)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not freeze_encoder):
+            feat = self.encoder(x * 2.0 - 1.0)
+        h = self.bottleneck(feat)
         if not self.stochastic:
             return h, None
         mean, logvar = h.chunk(2, dim=1)
@@ -120,7 +134,8 @@ def build_tokenizer(cfg: dict, image_size: int, in_channels: int, stochastic: bo
     """Build from the tokenizer preset's ``encoder``/``decoder`` sections (``name`` + kwargs)."""
     enc_cfg = dict(cfg["encoder"]); dec_cfg = dict(cfg["decoder"])
     c = int(cfg["latent_channels"])
-    encoder = ENCODERS.get(enc_cfg.pop("name"))(in_channels=in_channels, **enc_cfg)
+    # image_size lets transformer encoders size their position embedding; conv ones ignore it.
+    encoder = ENCODERS.get(enc_cfg.pop("name"))(in_channels=in_channels, image_size=image_size, **enc_cfg)
     decoder = DECODERS.get(dec_cfg.pop("name"))(latent_channels=c, out_channels=in_channels, **dec_cfg)
     return Tokenizer(encoder, decoder, c, image_size, stochastic=stochastic,
                      bottleneck_hidden=int(cfg.get("bottleneck_hidden", 0)))
