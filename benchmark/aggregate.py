@@ -22,7 +22,7 @@ KEY_COLS = ["dataset", "prior", "loss", "lambda", "tokenizer", "generator", "see
 METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "is", "precision", "recall", "fd_mobilenet_v2",
            "rfd_mobilenet_v2", "n_samples",
            "n_ref", "latent_swd_to_prior", "dm_teacher", "detector", "ref_features_sha256"]
-STAGES_TIMED = ["reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"]
+STAGES_TIMED = ["ssl_backbone", "reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"]
 
 
 def cell_rows(cells: list[dict[str, Any]], run_root: Path) -> pd.DataFrame:
@@ -79,7 +79,7 @@ def markdown(df: pd.DataFrame, cols: list[str]) -> str:
 
 SUMMARY = KEY_COLS + ["status", "rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall",
                       "rfd_mobilenet_v2", "fd_mobilenet_v2",
-                      "latent_swd_to_prior", "n_samples", "n_ref", "dm_teacher"]
+                      "latent_swd_to_prior", "n_samples", "n_ref", "dm_teacher", "backbone_weights"]
 
 
 SEED_METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall"]

