@@ -5,7 +5,7 @@
 IS_DMVAE_BENCH = True
 
 from tokenizers.registry import DECODERS, ENCODERS  # noqa: E402
-from tokenizers.models import Tokenizer, build_tokenizer  # noqa: E402
+from tokenizers.models import Tokenizer, build_tokenizer, latent_side  # noqa: E402
 from tokenizers import flux, vit  # noqa: E402,F401  (register "flux", "vit", "backbone")
 from tokenizers.normalization import LatentNorm  # noqa: E402
 

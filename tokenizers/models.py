@@ -130,6 +130,18 @@ class Tokenizer(nn.Module):
         return self.decode(self.encode(x))
 
 
+def latent_side(tok_cfg: dict, resolution: int) -> int:
+    """Side of the latent grid from the preset alone (no model built): conv encoders halve the
+    image per extra ``mult`` level, the ViT has one latent per patch, backbone encoders use
+    ``latent_grid`` (which they pool or resize to)."""
+    enc = tok_cfg["encoder"]
+    if enc.get("latent_grid"):
+        return int(enc["latent_grid"])
+    if enc["name"] == "vit":
+        return resolution // int(enc.get("patch_size", 4))
+    return resolution // 2 ** (len(enc.get("mult", [1])) - 1)
+
+
 def build_tokenizer(cfg: dict, image_size: int, in_channels: int, stochastic: bool) -> Tokenizer:
     """Build from the tokenizer preset's ``encoder``/``decoder`` sections (``name`` + kwargs)."""
     enc_cfg = dict(cfg["encoder"]); dec_cfg = dict(cfg["decoder"])
