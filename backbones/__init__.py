@@ -7,7 +7,8 @@ Entries: ``timm`` (DINOv2, MAE, ResNet, ... any timm model), ``open_clip`` (CLIP
 without a download). Text towers live in :mod:`backbones.text`.
 """
 from backbones.base import (BACKBONES, FeatureBackbone, MissingWeightsError, build_backbone,
-                            hub_offline)
+                            hub_offline, hub_reachable, preflight)
 from backbones import timm_backbone, clip, mobilenet, offline_mae  # noqa: F401  (register)
 
-__all__ = ["BACKBONES", "FeatureBackbone", "MissingWeightsError", "build_backbone", "hub_offline"]
+__all__ = ["BACKBONES", "FeatureBackbone", "MissingWeightsError", "build_backbone", "hub_offline",
+           "hub_reachable", "preflight"]

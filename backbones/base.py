@@ -91,3 +91,57 @@ def build_backbone(cfg: dict[str, Any], **overrides: Any) -> FeatureBackbone:
     args = {k: v for k, v in dict(cfg).items() if k != "name"}
     args.update(overrides)
     return BACKBONES.get(cfg["name"])(**args)
+
+
+def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace hub answers a TCP connect (fast fail on offline machines)."""
+    import socket
+    if hub_offline():
+        return False
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+    repo_id = repo_id.rstrip("/")
+    return any(isinstance(try_to_load_from_cache(repo_id, f), str)
+               for f in ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors",
+                         "open_clip_pytorch_model.bin"))
+
+
+def preflight(cfg: dict[str, Any] | None, what: str) -> None:
+    """Fail before any stage runs when a backbone's or text tower's weights cannot be had:
+    a named checkpoint file that does not exist, or hub weights that are neither in the local
+    cache nor downloadable. ``what`` names the config key for the message."""
+    if not cfg:
+        return
+    name = cfg.get("name")
+    hint = (f"set {what}.checkpoint (timm, mobilenet_v2) or {what}.pretrained (open_clip) to a local "
+            f"weights file, or {what}.pretrained=false/null for random weights (labelled 'random')")
+    ckpt = cfg.get("checkpoint")
+    pretrained = cfg.get("pretrained")
+    if name == "open_clip" and isinstance(pretrained, str) and ("/" in pretrained or pretrained.endswith(
+            (".bin", ".pt", ".safetensors"))):
+        ckpt, pretrained = pretrained, None
+    if ckpt:
+        check_file(ckpt, f"{what} ({name})", f"Put the file there, or {hint}.")
+        return
+    if not pretrained:
+        return
+    repo = None
+    if name == "timm":
+        import timm
+        pcfg = timm.models.get_pretrained_cfg(cfg["model"])
+        repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+    elif name == "open_clip":
+        import open_clip
+        repo = (open_clip.get_pretrained_cfg(cfg.get("model", ""), str(pretrained)) or {}).get("hf_hub")
+    if repo and not _hub_cached(repo) and not hub_reachable():
+        raise MissingWeightsError(f"{what} ({name} {cfg.get('model', '')}): pretrained weights from "
+                                  f"huggingface.co/{repo.rstrip('/')} are not in the local cache and the hub "
+                                  f"cannot be reached. Download them on a machine with internet "
+                                  f"(`hf download {repo.rstrip('/')}`) and copy the HF cache here, or {hint}.")

@@ -18,7 +18,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def create_clip(model: str, pretrained: str | None) -> tuple[torch.nn.Module, str]:
+def create_clip(model: str, pretrained: str | None, image_size: int | None = None) -> tuple[torch.nn.Module, str]:
     import open_clip
 
     how = (f"Download the open_clip weights for {model} on a machine with internet and set "
@@ -35,7 +35,9 @@ def create_clip(model: str, pretrained: str | None) -> tuple[torch.nn.Module, st
     else:
         source = "random"
     try:
-        net = open_clip.create_model(model, pretrained=pretrained or None, require_pretrained=bool(pretrained))
+        # force_image_size: open_clip resamples the position table of loaded weights to it.
+        net = open_clip.create_model(model, pretrained=pretrained or None, require_pretrained=bool(pretrained),
+                                     force_image_size=image_size)
     except (OSError, RuntimeError) as e:
         if not pretrained:
             raise
@@ -48,7 +50,7 @@ def create_clip(model: str, pretrained: str | None) -> tuple[torch.nn.Module, st
 class CLIPImageBackbone(FeatureBackbone):
     def __init__(self, model: str = "ViT-B-16", pretrained: str | None = "openai",
                  input_size: int | None = None, **_: Any) -> None:
-        net, source = create_clip(model, pretrained)
+        net, source = create_clip(model, pretrained, int(input_size) if input_size else None)
         visual = net.visual
         if not hasattr(visual, "output_tokens"):
             raise ValueError(f"open_clip model {model}: its image tower ({type(visual).__name__}) "
@@ -56,9 +58,6 @@ class CLIPImageBackbone(FeatureBackbone):
         visual.output_tokens = True
         size = visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        if input_size and int(input_size) != size:
-            raise ValueError(f"open_clip model {model} runs at {size} px; input_size={input_size} "
-                             f"would need a resampled position table")
         super().__init__(size, CLIP_MEAN, CLIP_STD)
         self.visual = visual
         self.out_dim = int(visual.transformer.width)

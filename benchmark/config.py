@@ -80,6 +80,7 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
         c = cell.cfg
         import_plugins(c.get("plugins", []))
         PRIORS.get(c["prior"]["name"])
+        _preflight_prior(c["prior"])
         LOSSES.get(c["loss"]["name"])
         ENCODERS.get(c["tokenizer"]["encoder"]["name"])
         DECODERS.get(c["tokenizer"]["decoder"]["name"])
@@ -106,3 +107,16 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
             raise ValueError("eval.n_samples and eval.n_ref must be at least 2 for a covariance")
         if c["loss"]["name"] == "dm" and c["loss"].get("teacher") not in ("auto", "exact", "trained"):
             raise ValueError(f"loss.teacher must be auto, exact or trained; got {c['loss'].get('teacher')!r}")
+
+
+def _preflight_prior(prior: dict[str, Any]) -> None:
+    """Missing backbone or text-tower weights fail here, before any stage runs."""
+    from backbones import BACKBONES, preflight
+    from benchmark.dag import _bank_cfg
+    bank = _bank_cfg(prior)
+    bb = bank.get("backbone")
+    if isinstance(bb, dict):
+        BACKBONES.get(bb.get("name", "?"))
+        if bb.get("name") != "offline-mae":  # its checkpoint is made by the ssl_backbone stage
+            preflight(bb, "prior.backbone")
+    preflight(prior.get("text_encoder"), "prior.text_encoder")

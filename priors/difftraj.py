@@ -32,16 +32,16 @@ class DifftrajPrior(BankPrior):
 
     def fit(self, ctx: FitContext) -> None:
         from benchmark.data import subset
-        from benchmark.stages.common import encode_all, load_tokenizer
-        node = ctx.extra.get("base_tokenizer")
-        if node is None:
-            raise ValueError("difftraj needs the base tokenizer's stage (the grid provides it as "
-                             "ctx.extra['base_tokenizer'])")
-        tok, lnorm = load_tokenizer(node)
+        from benchmark.stages.common import encode_all
+        base = ctx.extra.get("base_tokenizer")
+        if base is None:
+            raise ValueError("difftraj needs its base tokenizer: ctx.extra['base_tokenizer'] = "
+                             "(tokenizer, LatentNorm), which the grid loads from the kl tokenizer stage")
+        tok, lnorm = base
         images = subset(ctx.dataset, self.n_images, seed=self.seed)
         z = lnorm.normalize(encode_all(tok, images))
         self._set_bank(z, images.labels)
-        self.info = {"difftraj_t": self.t, "base_tokenizer": node.key,
+        self.info = {"difftraj_t": self.t, "base_tokenizer": ctx.extra.get("base_tokenizer_key", "given"),
                      "reference_bank_size": int(len(self.bank))}
 
     def sample(self, n: int, generator: torch.Generator | None = None,

@@ -68,3 +68,23 @@ def test_bad_plugin_module_is_reported():
 def test_unknown_detector_rejected():
     with pytest.raises(RegistryError, match="inception-v3-compat"):
         config.load(["grid=single", "eval.extra_detectors=[dinov2-nope]"])
+
+
+def test_feature_and_difftraj_priors_share_upstream_stages(tmp_path):
+    """One offline MAE for every cell that uses it; difftraj reuses the kl cell's tokenizer."""
+    overrides = [f"run_root={tmp_path}", "grid=single"]
+    cells = []
+    for p in ("offline-ssl", "subset-ssl", "difftraj"):
+        cells += config.load(overrides + [f"prior={p}"])[1]
+    cells += config.load(overrides + ["prior=gaussian", "loss=kl"])[1]
+    order, per_cell = dag.build(cells, tmp_path)
+    ssl = [n for n in order if n.stage == "ssl_backbone"]
+    assert len(ssl) == 1 and per_cell[0]["ssl_backbone"] is per_cell[1]["ssl_backbone"]
+    assert per_cell[0]["reference"].key != per_cell[1]["reference"].key
+    diff_ref = per_cell[2]["reference"]
+    assert diff_ref.deps["base_tokenizer"] is per_cell[3]["tokenizer"]
+    pos = {n.key: i for i, n in enumerate(order)}
+    assert pos[per_cell[3]["tokenizer"].key] < pos[diff_ref.key]
+    assert pos[ssl[0].key] < pos[per_cell[0]["reference"].key]
+    # The table shows the preset's label, not the generic class name.
+    assert [c.keys["prior"] for c in cells] == ["offline-mae", "sub-offline-mae", "difftraj", "gaussian"]

@@ -17,7 +17,9 @@ def fit_context(node: Node) -> FitContext:
     if "ssl_backbone" in node.deps:
         extra["backbone_overrides"] = {"checkpoint": str(node.deps["ssl_backbone"].dir / "backbone.pt")}
     if "base_tokenizer" in node.deps:
-        extra["base_tokenizer"] = node.deps["base_tokenizer"]
+        from benchmark.stages.common import load_tokenizer
+        extra["base_tokenizer"] = load_tokenizer(node.deps["base_tokenizer"])
+        extra["base_tokenizer_key"] = node.deps["base_tokenizer"].key
     return FitContext(dataset=dataset(node.cfg, "train"), out_dir=node.dir, seed=int(node.cfg["seed"]),
                       extra=extra)
 
