@@ -92,6 +92,7 @@ class MAE(nn.Module):
         h = self.dec_embed(self.norm(self.blocks(t)))[:, 1:]
         # Scatter the visible tokens back among mask tokens, in patch order.
         full = self.mask_token.expand(n, L, -1).clone()
+        full = full.to(h.dtype)
         full.scatter_(1, kept[..., None].expand(-1, -1, h.shape[-1]), h)
         pred = self.dec_pred(self.dec_norm(self.dec_blocks(full + self.dec_pos)))
         target = self.patchify(x)
@@ -99,7 +100,7 @@ class MAE(nn.Module):
         target = (target - mu) / (var + 1e-6).sqrt()
         masked = torch.ones(n, L, device=x.device)
         masked.scatter_(1, kept, 0.0)
-        per_patch = ((pred - target) ** 2).mean(-1)
+        per_patch = ((pred.float() - target) ** 2).mean(-1)
         return (per_patch * masked).sum() / masked.sum()
 
 

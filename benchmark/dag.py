@@ -42,9 +42,9 @@ class Node:
 
 
 def latent_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    from tokenizers import latent_side  # one rule for conv, ViT and backbone encoders
     tok = cfg["tokenizer"]
-    down = 2 ** (len(tok["encoder"].get("mult", [1])) - 1)
-    side = cfg["dataset"]["resolution"] // down
+    side = latent_side(tok, int(cfg["dataset"]["resolution"]))
     return (int(tok["latent_channels"]), side, side)
 
 

@@ -125,7 +125,7 @@ class FeaturePrior(BankPrior):
     def __init__(self, latent_shape: Sequence[int], backbone: dict[str, Any] | None = None,
                  n_images: int = 8192, stage1: dict[str, Any] | None = None,
                  classes: Sequence[int] | None = None, seed: int = 0, label: str | None = None,
-                 feature_precision: str = "fp32", **_: Any) -> None:
+                 precision: str = "fp32", **_: Any) -> None:
         super().__init__(latent_shape, classes)
         if not backbone or "name" not in backbone:
             raise ValueError("features prior needs backbone: {name: ...}; known backbones: "
@@ -136,7 +136,9 @@ class FeaturePrior(BankPrior):
         self.stage1 = {"iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0,
                        "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1},
                        **(stage1 or {})}
-        self.feature_precision = feature_precision
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"features prior precision must be fp32 or bf16, got {precision!r}")
+        self.precision = precision
 
     def build_backbone(self, ctx: FitContext):
         from backbones import build_backbone
@@ -149,7 +151,7 @@ class FeaturePrior(BankPrior):
         t0 = time.perf_counter()
         backbone = self.build_backbone(ctx)
         images = subset(ctx.dataset, self.n_images, seed=self.seed)
-        feats = extract_features(backbone, images, h, precision=self.feature_precision)
+        feats = extract_features(backbone, images, h, precision=self.precision)
         t_feat = time.perf_counter() - t0
         log.info("%s: %d feature grids %s in %.1f s (%s weights)", self.name, len(feats),
                  tuple(feats.shape[1:]), t_feat, backbone.weights_source)
@@ -172,7 +174,9 @@ class FeaturePrior(BankPrior):
         for it in range(iters):
             idx = torch.randint(len(images), (bs,), generator=g)
             x = images.float_batch(idx)
-            x_rec = (dec(proj(feats[idx])) + 1.0) * 0.5
+            # bf16 autocast (when asked) for the decoder's convs, ~2x faster on this CPU.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                x_rec = (dec(proj(feats[idx])).float() + 1.0) * 0.5
             loss = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
             check_finite(loss, f"reference/{self.name} stage 1", it)
             opt.zero_grad(set_to_none=True); loss.backward()
@@ -192,4 +196,4 @@ class FeaturePrior(BankPrior):
                      "stage1_train_psnr": -10 * math.log10(max(mse, 1e-12)),
                      "reference_latent_mean": mean, "reference_latent_scale": scale,
                      "reference_bank_size": int(len(self.bank)), "feature_seconds": t_feat,
-                     "stage1_seconds": time.perf_counter() - t0 - t_feat}
+                     "stage1_seconds": time.perf_counter() - t0 - t_feat, "reference_precision": self.precision}

@@ -9,7 +9,10 @@ def test_default_grid_has_dm_and_kl_cells():
     base, cells = config.load([])
     assert base["grid"]["name"] == "default"
     pairs = {(c.keys["prior"], c.keys["loss"]) for c in cells}
-    assert ("gaussian", "dm") in pairs and ("gaussian", "kl") in pairs
+    assert pairs == {("gaussian", "dm"), ("offline-mae", "dm"), ("mobilenet_v2-sup", "dm"), ("gaussian", "kl")}
+    # the paper's lambda advice: 1 for synthetic priors, 10 for data-derived ones
+    assert {c.keys["prior"]: c.keys["lambda"] for c in cells if c.keys["loss"] == "dm"} == {
+        "gaussian": 1.0, "offline-mae": 10.0, "mobilenet_v2-sup": 10.0}
     assert all(c.keys["dataset"] == "fashion_mnist" for c in cells)
 
 
@@ -39,7 +42,7 @@ def test_impossible_shapes_rejected():
 
 
 def test_shared_stages_are_shared(tmp_path):
-    _, cells = config.load([])
+    _, cells = config.load(["grid=pair"])
     order, per_cell = dag.build(cells, tmp_path)
     assert per_cell[0]["reference"].key == per_cell[1]["reference"].key
     assert per_cell[0]["fid_ref"].key == per_cell[1]["fid_ref"].key

@@ -33,6 +33,10 @@ def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplo
     sweep = _sweep_dir(tmp_path / "runs")
     df = pd.read_csv(sweep / "results.csv")
     assert set(df["loss"]) == {"dm", "kl"}
+    assert set(df["prior"]) == {"gaussian", "offline-mae", "mobilenet_v2-sup"}
+    feat = df.set_index("prior")["backbone_weights"]
+    assert "IMAGENET1K_V1" in feat["mobilenet_v2-sup"] and feat["offline-mae"].startswith("offline-mae:ssl_backbone-")
+    assert (df.set_index("prior").loc[["offline-mae", "mobilenet_v2-sup"], "dm_teacher"] == "trained").all()
     for col in ("rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall", "fd_mobilenet_v2",
                 "rfd_mobilenet_v2"):
         assert df[col].map(lambda v: math.isfinite(float(v))).all(), col

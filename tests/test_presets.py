@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmark import config, dag
 from generators import GENERATORS
@@ -36,5 +37,12 @@ def test_tokenizer_preset_consistent(preset):
     t = cell.cfg["tokenizer"]
     assert t["preset"] == preset and t["reproduces"].strip()
     c, h, w = dag.latent_shape(cell.cfg)
-    assert h == w and h * 2 ** (len(t["encoder"]["mult"]) - 1) == cell.cfg["dataset"]["resolution"]
+    assert h == w
+    if t["encoder"]["name"] == "backbone":  # pretrained backbones: the grid is stated, not derived
+        assert t["encoder"]["latent_grid"] == h
+    else:  # the model built from the preset produces exactly the latent shape the DAG plans for
+        from benchmark.stages.common import build_tokenizer_for
+        tok = build_tokenizer_for(cell.cfg)
+        x = torch.rand(1, cell.cfg["dataset"]["channels"], *(2 * [cell.cfg["dataset"]["resolution"]]))
+        assert tuple(tok.encode(x).shape[1:]) == (c, h, w)
     assert t["checkpoint_every"] > 0 and t["warmup_iters"] + t["match_iters"] + t["finetune_iters"] > 0

@@ -88,13 +88,13 @@ def root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def default_sweep(root):
-    """The default grid submitted to SLURM; while it runs, the same grid with the local launcher."""
-    over = TINY + SLURM + [f"run_root={root / 'slurm'}"]
+    """The gaussian-vs-kl grid submitted to SLURM; while it runs, the same grid run locally."""
+    over = TINY + SLURM + ["grid=pair", f"run_root={root / 'slurm'}"]
     t0 = time.perf_counter()
     assert grid.main(over) == 0
     assert time.perf_counter() - t0 < 60  # submits and returns
     sweep = _sweep(over)
-    _local(TINY + [f"run_root={root / 'local'}"])
+    _local(TINY + ["grid=pair", f"run_root={root / 'local'}"])
     st = _wait(sweep)
     return over, sweep, st
 
