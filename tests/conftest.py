@@ -21,7 +21,7 @@ TINY = [
     "++generator.model_args.hidden_size=32", "++generator.model_args.depth=1", "++generator.model_args.num_heads=2",
     # feature priors (the default grid has two): a few steps of the MAE and of stage 1, small banks
     "++prior.backbone.train.steps=4", "++prior.backbone.train.batch_size=16", "++prior.stage1.iters=3",
-    "++prior.stage1.batch_size=8", "++prior.n_images=64", "loss.teacher_steps=6", "loss.teacher_batch_size=16",
+    "++prior.stage1.batch_size=8", "++prior.n_images=64", "++loss.teacher_steps=6", "++loss.teacher_batch_size=16",
 ]
 
 
