@@ -37,23 +37,25 @@ PAPER_TABLE1 = "dmvae_paper_table1_priors.csv"
 PAPER_TABLE2 = "dmvae_paper_table2_ablations.csv"
 PAPER_TABLE3 = "dmvae_paper_table3_system.csv"
 
-# Our prior registry names -> the rows ("reference" column) of the paper's Table 1
+# Our prior labels (the tables' `prior` column) -> the rows ("reference" column) of the paper's Table 1
 # (Ye et al., arXiv 2512.07778 v2, ImageNet 256, gFID-5K). The paper's prior rows were all
 # trained with its DM loss, so only our `dm` cells map to them; any cell trained with the `kl`
 # loss is the paper's "VAE baseline" whatever its prior says (the KL pulls towards N(0, I)).
 # Approximations, stated so nobody mistakes them for the same model:
-#   dinov2 / ssl         -> DINO         (paper: DINOv2-L features)
-#   resnet / mobilenet / supervised -> ResNet (a supervised ImageNet CNN; MobileNetV2 is our CPU stand-in)
-#   text                 -> SigLIP-text  (text embeddings of captions / class names)
-#   subset               -> SubDINO      (SSL features of a class subset)
+#   dinov2 / offline-mae -> DINO        (paper: DINOv2-L features; offline-mae is a small
+#                                        MAE trained here, the only SSL backbone available offline)
+#   resnet50-sup / mobilenet_v2-sup -> ResNet (a supervised ImageNet CNN; MobileNetV2 is our CPU stand-in)
+#   text-clip            -> SigLIP-text  (text embeddings of captions / class names)
+#   sub-offline-mae / sub-dinov2 -> SubDINO (SSL features of a class subset)
 #   difftraj             -> Difftraj     (noisy diffusion latents)
 # Priors not listed (and losses other than dm/kl) have no paper counterpart: they are ranked
 # but left out of the rank correlation.
 PAPER_ROW_OF_PRIOR = {
     "gaussian": "Gaussian", "gmm": "GMM", "difftraj": "Difftraj",
-    "dinov2": "DINO", "ssl": "DINO",
-    "resnet": "ResNet", "mobilenet": "ResNet", "supervised": "ResNet",
-    "text": "SigLIP-text", "subset": "SubDINO",
+    "dinov2": "DINO", "offline-mae": "DINO",
+    "resnet50-sup": "ResNet", "mobilenet_v2-sup": "ResNet",
+    "text-clip": "SigLIP-text", "text": "SigLIP-text",
+    "sub-offline-mae": "SubDINO", "sub-dinov2": "SubDINO",
 }
 PAPER_LOSS, BASELINE_LOSS, BASELINE_ROW = "dm", "kl", "VAE baseline"
 LABEL_POINTS = 6  # more prior/loss labels than this overlap; the legend identifies every marker

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("launcher %r is not available in this build; use launcher=local", launcher)
         return 2
     try:
-        status = run_local(order)
+        from benchmark.launch import resolve_workers
+        status = run_local(order, *resolve_workers(base["launcher"]))
     except KeyboardInterrupt:
         # Finished stages and the running stage's last checkpoint are on disk already.
         log.warning("interrupted: rerun the same command to continue where this run stopped")

@@ -1,4 +1,5 @@
-"""Launchers. ``local`` runs the stage DAG in this process in dependency order.
+"""Launchers. ``local`` runs the stage DAG on this machine in dependency order: in this process
+(``workers: 1``), or in a pool of worker processes that run independent stages side by side.
 
 A finished stage (its record.json exists) is skipped; a failed stage is recorded in
 failed.json with its reason and log, its dependents are marked blocked, and the rest of the
@@ -65,8 +66,56 @@ def write_failure(node: Node, exc: BaseException, **extra: str) -> None:
         "failed_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
 
 
-def run_local(order: list[Node]) -> dict[str, str]:
-    """Run every unfinished node; returns key -> done | failed | blocked."""
+def _die_with_parent() -> None:
+    """Linux: a worker gets SIGKILL when the grid process dies (kill -9 included), so no orphan
+    keeps writing checkpoints that the next run resumes from."""
+    import ctypes
+    import signal
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux/glibc: workers end when their task does
+
+
+def _worker_init(threads: int) -> None:
+    import os
+    _die_with_parent()
+    torch.set_num_threads(threads)
+    os.environ["DMVAE_NO_BARS"] = "1"  # several workers' bars would overwrite each other
+    from benchmark.grid import setup_logging
+    setup_logging()
+
+
+def _run_in_worker(node: Node) -> tuple[str, dict | None, str | None]:
+    """Worker side: run one stage; failures are recorded here, where the traceback is."""
+    try:
+        return "done", run_node(node), None
+    except Exception as exc:  # one failing stage must not stop the grid
+        write_failure(node, exc)
+        return "failed", None, f"{type(exc).__name__}: {exc}"
+
+
+def resolve_workers(cfg: dict | None) -> tuple[int, int]:
+    """(worker processes, torch threads per worker) from the local launcher's config."""
+    import os
+    cfg = cfg or {}
+    workers = max(1, int(cfg.get("workers", 1) or 1))
+    threads = cfg.get("threads_per_worker", "auto")
+    if threads in (None, "auto"):
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else torch.get_num_threads()
+    return workers, int(threads)
+
+
+def run_local(order: list[Node], workers: int = 1, threads_per_worker: int | None = None) -> dict[str, str]:
+    """Run every unfinished node; returns key -> done | failed | blocked.
+
+    With ``workers > 1`` ready stages (all inputs done) run concurrently in that many spawned
+    processes with ``threads_per_worker`` torch threads each. On the 2-core reference machine
+    two 1-thread workers get 8-19% more work done per second than one 2-thread process (small
+    kernels do not scale to a second thread), so the embedded default uses two.
+    """
+    if workers > 1:
+        return _run_pool(order, workers, threads_per_worker or 1)
     status: dict[str, str] = {}
     todo = [n for n in order if not n.done()]
     log.info("%d stages in the grid: %d done, %d to run", len(order), len(order) - len(todo), len(todo))
@@ -93,6 +142,65 @@ def run_local(order: list[Node]) -> dict[str, str]:
         status[node.key] = "done"
         log.info("[%d/%d] %-10s done in %.1fs %s", i, len(todo), node.stage, rec["wall_time_s"],
                  _headline(rec["facts"]))
+    return status
+
+
+def _run_pool(order: list[Node], workers: int, threads: int) -> dict[str, str]:
+    import multiprocessing as mp
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    status = {n.key: "done" for n in order if n.done()}
+    todo = [n for n in order if n.key not in status]
+    log.info("%d stages in the grid: %d done, %d to run on %d workers x %d threads",
+             len(order), len(status), len(todo), workers, threads)
+    pending = list(todo)  # topological order: ready stages start in the order a single worker would
+    running: dict = {}
+    n_started = 0
+    # spawn, not fork: torch's thread pools and OpenMP state do not survive a fork safely.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                               initializer=_worker_init, initargs=(threads,))
+    try:
+        while pending or running:
+            for node in list(pending):
+                if len(running) >= workers:
+                    break
+                deps = [status.get(d.key) for d in node.deps.values()]
+                if any(s in ("failed", "blocked") for s in deps):
+                    pending.remove(node)
+                    status[node.key] = "blocked"
+                    log.warning("%-10s %s blocked by failed %s", node.stage, node.cells[0],
+                                [d.key for d in node.deps.values() if status.get(d.key) != "done"])
+                    continue
+                if all(s == "done" for s in deps):
+                    pending.remove(node)
+                    n_started += 1
+                    who = ", ".join(node.cells[:3]) + (" ..." if len(node.cells) > 3 else "")
+                    log.info("[%d/%d] %-10s %s -> %s", n_started, len(todo), node.stage, who, node.dir)
+                    running[pool.submit(_run_in_worker, node)] = node
+            if not running:
+                if pending and not any(all(status.get(d.key) == "done" for d in n.deps.values())
+                                       or any(status.get(d.key) in ("failed", "blocked") for d in n.deps.values())
+                                       for n in pending):
+                    for node in pending:  # inputs outside this run that are not finished
+                        status[node.key] = "blocked"
+                        log.warning("%-10s blocked: unfinished inputs outside this run", node.stage)
+                    pending.clear()
+                continue
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                node = running.pop(fut)
+                state, rec, err = fut.result()
+                status[node.key] = state
+                if state == "done":
+                    log.info("%-10s done in %.1fs %s (%s)", node.stage, rec["wall_time_s"],
+                             _headline(rec["facts"]), node.cells[0])
+                else:
+                    log.error("%-10s FAILED: %s (log: %s)", node.stage, err, node.dir / "stage.log")
+    except BaseException:
+        # Ctrl-C reaches the workers too (same process group); their checkpoints stay on disk.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
     return status
 
 

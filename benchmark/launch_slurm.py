@@ -113,7 +113,8 @@ def validate(cfg: dict) -> None:
             if not distributed:
                 raise ValueError(f"stage {stage!r} runs in one process only, but its launcher config asks for "
                                  f"nodes={r['nodes']} x tasks_per_node={r['tasks_per_node']}; only the "
-                                 f"generator trains data-parallel (launcher.stages.generator.tasks_per_node)")
+                                 f"tokenizer and the generator train data-parallel "
+                                 f"(launcher.stages.<tokenizer|generator>.tasks_per_node)")
 
 
 def executor_parameters(cfg: dict, stage: str, name: str) -> dict:

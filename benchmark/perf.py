@@ -90,9 +90,15 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     dm = LOSSES.get("dm")(**lc, teacher=ExactTeacher(prior), latent_shape=shape, num_classes=ncls,
                           prior=prior)
 
+    import contextlib
+    # The preset's precision, as the tokenizer stage runs it (bf16 autocast on this CPU).
+    autocast = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if tc.get("precision") == "bf16" \
+        else contextlib.nullcontext
+
     def tok_step(with_dm: bool) -> None:
-        z = tok.encode(x)
-        loss = (tok.decode(z) - x).abs().mean()
+        with autocast():
+            z = tok.encode(x).float()
+            loss = (tok.decode(z).float() - x).abs().mean()
         if with_dm:
             m, _ = dm(z, y, 0)
             loss = loss + dm.weight * m
@@ -103,9 +109,68 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
             dm.update(z.detach(), y, 0)
 
     def fake_step() -> None:
-        with torch.no_grad():
-            z = tok.encode(x)
+        with torch.no_grad(), autocast():
+            z = tok.encode(x).float()
         dm.update(z, y, 0)
+
+    def finetune_step() -> None:  # paper stage 4: encoder frozen, decoder only
+        with torch.no_grad(), autocast():
+            z = tok.encode(x).float()
+        with autocast():
+            loss = (tok.decode(z).float() - x).abs().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    from benchmark.stages.common import build_score_net
+    teacher = build_score_net(cfg).train()
+    topt = torch.optim.AdamW(teacher.parameters(), lr=1e-4)
+    tbs = int(cfg["loss"].get("teacher_batch_size", 128))
+    zt, yt = torch.randn(tbs, *shape), torch.randint(ncls, (tbs,))
+
+    def teacher_step() -> None:
+        loss = flow_matching_loss(teacher, zt, yt)
+        topt.zero_grad(set_to_none=True)
+        loss.backward()
+        topt.step()
+
+    # Frozen-backbone stage (stage 1) on the offline MobileNetV2: feature extraction, then
+    # bottleneck MLP + decoder steps on cached features, at the feature priors' defaults (bf16).
+    from backbones import build_backbone
+    from tokenizers import DECODERS
+    mb = build_backbone({"name": "mobilenet_v2", "layer": 14, "input_size": 16 * shape[1]}).eval()
+    n_feat = 16 if quick else 128
+    xf = torch.rand(n_feat, ch, res, res)
+
+    @torch.no_grad()
+    def backbone_features() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mb(xf)
+
+    feats = torch.randn(bs, mb.out_dim, shape[1], shape[2])
+    dcfg = dict(tc["decoder"])
+    s1_dec = DECODERS.get(dcfg.pop("name"))(latent_channels=shape[0], out_channels=ch, **dcfg)
+    s1_proj = torch.nn.Sequential(torch.nn.Conv2d(mb.out_dim, 2 * mb.out_dim, 1), torch.nn.SiLU(),
+                                  torch.nn.Conv2d(2 * mb.out_dim, shape[0], 1))
+    s1_opt = torch.optim.AdamW(list(s1_dec.parameters()) + list(s1_proj.parameters()), lr=1e-4)
+
+    def stage1_step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = (s1_dec(s1_proj(feats)).float() - x).abs().mean()
+        s1_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s1_opt.step()
+
+    from backbones.offline_mae import MAE
+    mae = MAE(img_size=res).train()
+    mopt = torch.optim.AdamW(mae.parameters(), lr=1e-4)
+    xm = torch.rand(128 if not quick else 16, 3, res, res)
+
+    def mae_step() -> None:
+        loss = mae.loss(xm, 0.75)
+        mopt.zero_grad(set_to_none=True)
+        loss.backward()
+        mopt.step()
 
     gen = build_model(cfg).train()
     gopt = torch.optim.AdamW(gen.parameters(), lr=1e-4)
@@ -134,11 +199,16 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
         "tokenizer step (recon, warm-up/fine-tune)": (lambda: tok_step(False), bs, "img/s"),
         "DM stage: tokenizer step + dm + fake update": (lambda: tok_step(True), bs, "img/s"),
         "DM stage: fake-network update only": (fake_step, bs, "latents/s"),
+        "decoder fine-tune step (encoder frozen)": (finetune_step, bs, "img/s"),
+        "dm teacher training step": (teacher_step, tbs, "latents/s"),
+        "ssl_backbone: offline-MAE step": (mae_step, len(xm), "img/s"),
+        "frozen-backbone stage: MobileNetV2 features (bf16)": (backbone_features, n_feat, "img/s"),
+        "frozen-backbone stage: MLP + decoder step (bf16)": (stage1_step, bs, "img/s"),
         "generator training step": (gen_step, gbs, "latents/s"),
         f"sampling ({ev['sampler']['method']}, {ev['sampler']['steps']} steps)": (sample_step, ns, "samples/s"),
     }
     for name, prec in (("inception-v3-compat", "fp32"), ("inception-v3-compat", "bf16"),
-                       ("mobilenet_v2-imagenet", "fp32")):
+                       ("mobilenet_v2-imagenet", "fp32"), ("mobilenet_v2-imagenet", "bf16")):
         det = build_detector(name, prec)
         cases[f"detector {name} {prec}"] = ((lambda d=det: d.features(imgs, batch_size=n_img)), n_img, "img/s")
     return cases

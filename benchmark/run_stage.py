@@ -45,7 +45,7 @@ def run_one(node: Node, info: distributed.DistInfo) -> dict | None:
     if info.distributed and not getattr(import_module(f"benchmark.stages.{node.stage}"),
                                         "SUPPORTS_DISTRIBUTED", False):
         raise ValueError(f"stage {node.stage!r} runs in one process only; launch it without torchrun/srun "
-                         f"tasks (data-parallel stages: generator)")
+                         f"tasks (data-parallel stages: tokenizer, generator)")
     if info.is_main:
         return run_node(node)
     runner(node.stage)(node)  # the stage itself writes only on rank 0

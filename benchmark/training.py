@@ -42,7 +42,7 @@ def warmup_lambda(warmup_steps: int):
 
 def progress(total: int, desc: str, initial: int = 0) -> tqdm:
     # Bars only on an interactive terminal; CI logs get the per-stage lines instead.
-    quiet = bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    quiet = bool(os.environ.get("CI") or os.environ.get("DMVAE_NO_BARS")) or not sys.stderr.isatty()
     return tqdm(total=total, desc=desc, initial=initial, disable=quiet, leave=False, dynamic_ncols=True)
 
 

@@ -16,7 +16,7 @@ TINY = [
     "generator.steps=8", "generator.batch_size=16", "generator.train_images=128",
     "generator.checkpoint_every=4",
     "eval.n_ref=20", "eval.n_samples=20", "eval.batch_size=20", "eval.sampler.steps=4",
-    "eval.kid_subset_size=20",
+    "eval.kid_subset_size=20", "eval.extra_detectors=[mobilenet_v2-imagenet]",
     "++loss.score_net_args.hidden_size=32", "++loss.score_net_args.depth=1", "++loss.score_net_args.num_heads=2",
     "++generator.model_args.hidden_size=32", "++generator.model_args.depth=1", "++generator.model_args.num_heads=2",
     # feature priors (the default grid has two): a few steps of the MAE and of stage 1, small banks

@@ -172,7 +172,7 @@ def test_paper_tables_and_mapping():
     t1 = figures.read_paper_table(REPO / "results", figures.PAPER_TABLE1)
     assert set(figures.PAPER_ROW_OF_PRIOR.values()) | {figures.BASELINE_ROW} == set(t1["reference"])
     assert figures.paper_reference("gmm", "kl") == "VAE baseline"
-    assert figures.paper_reference("mobilenet", "dm") == "ResNet" and figures.paper_reference("gaussian", "mmd") is None
+    assert figures.paper_reference("mobilenet_v2-sup", "dm") == "ResNet" and figures.paper_reference("gaussian", "mmd") is None
 
 
 def test_committed_results_regenerate(tmp_path):

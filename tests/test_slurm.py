@@ -235,7 +235,7 @@ def test_profile_then_command_line_wins():
 
 @pytest.mark.parametrize("over, message", [
     (["launcher.profile=nope"], "Known profiles: gpu-cluster, local"),
-    (["launcher.stages.tokenizer.tasks_per_node=2"], "only the generator"),
+    (["launcher.stages.recon_eval.tasks_per_node=2"], "only the tokenizer and the generator"),
     (["launcher.mem_gb=0"], "mem_gb"),
     (["+launcher.stages.decoder.mem_gb=1"], "unknown stage"),
 ])
