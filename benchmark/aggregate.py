@@ -70,7 +70,9 @@ def _fmt(v: Any) -> str:
 
 
 def markdown(df: pd.DataFrame, cols: list[str]) -> str:
-    cols = [c for c in cols if c in df.columns]
+    # Optional metrics nobody computed (e.g. fd_mobilenet_v2 without the extra detector) would be
+    # columns of dashes: leave them out; key columns always stay.
+    cols = [c for c in cols if c in df.columns and (c in KEY_COLS or c == "status" or df[c].notna().any())]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df[cols].iterrows():
         lines.append("| " + " | ".join(_fmt(r[c]) for c in cols) + " |")

@@ -145,6 +145,29 @@ def run_local(order: list[Node], workers: int = 1, threads_per_worker: int | Non
     return status
 
 
+# Rough relative cost of each stage kind at the CPU presets (measured wall times, in minutes);
+# only their order matters for scheduling.
+STAGE_COST = {"fid_ref": 0.75, "ssl_backbone": 1.0, "reference": 0.6, "teacher": 1.0, "tokenizer": 2.0,
+              "recon_eval": 1.0, "generator": 1.75, "gen_eval": 1.0}
+
+
+def critical_path(nodes: list[Node]) -> dict[str, float]:
+    """For each node, the estimated cost of the longest chain from it to the end of the grid."""
+    children: dict[str, list[Node]] = {n.key: [] for n in nodes}
+    for n in nodes:
+        for d in n.deps.values():
+            if d.key in children:
+                children[d.key].append(n)
+    memo: dict[str, float] = {}
+
+    def longest(n: Node) -> float:
+        if n.key not in memo:
+            memo[n.key] = STAGE_COST.get(n.stage, 1.0) + max((longest(c) for c in children[n.key]), default=0.0)
+        return memo[n.key]
+
+    return {n.key: longest(n) for n in nodes}
+
+
 def _run_pool(order: list[Node], workers: int, threads: int) -> dict[str, str]:
     import multiprocessing as mp
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -153,7 +176,11 @@ def _run_pool(order: list[Node], workers: int, threads: int) -> dict[str, str]:
     todo = [n for n in order if n.key not in status]
     log.info("%d stages in the grid: %d done, %d to run on %d workers x %d threads",
              len(order), len(status), len(todo), workers, threads)
-    pending = list(todo)  # topological order: ready stages start in the order a single worker would
+    # Longest-path-first list scheduling: among ready stages start the one with the most work
+    # still behind it, so a long chain (e.g. the kl cell's tokenizer -> generator -> gen_eval)
+    # does not end up running alone after everything else.
+    prio = critical_path(todo)
+    pending = sorted(todo, key=lambda n: -prio[n.key])  # stable: ties keep topological order
     running: dict = {}
     n_started = 0
     # spawn, not fork: torch's thread pools and OpenMP state do not survive a fork safely.

@@ -54,6 +54,7 @@ def test_aggregate_handles_missing_and_failed(tmp_path):
     assert abs(seeds.loc["gaussian", "gfid_std"] - 2 ** 0.5 * 2) < 1e-9
     md = (sweep / "results.md").read_text()
     assert "52 ± 2.8" in md and "| failed |" in md
+    assert "fd_mobilenet_v2" not in md  # a metric no cell computed is no column of dashes
     tex = (sweep / "results.tex").read_text()
     assert "\\begin{tabular}" in tex and "gaussian" in tex
     long = pd.read_csv(sweep / "results_long.csv")
