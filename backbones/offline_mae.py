@@ -10,7 +10,6 @@ stage. Results label it ``offline-mae`` with the stage key, never as a pretraine
 """
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

@@ -1,8 +1,6 @@
 """Encoders and decoders of the tokenizer: the small ViT, the FLUX decoder, the backbone wrapper."""
 from __future__ import annotations
 
-import sys
-import types
 
 import pytest
 import torch
@@ -79,43 +77,29 @@ def test_frozen_encoder_gets_no_gradient():
     assert all(p.grad is not None for p in tok.bottleneck.parameters())
 
 
-class _FakeBackbone(nn.Module):
-    """Stands in for backbones.build_backbone: patch-14 grid of a resized [0, 1] image."""
-
-    def __init__(self, cfg, in_channels):
-        super().__init__()
-        self.cfg, self.out_dim, self.weights_source = cfg, 12, "test"
-        self.proj = nn.Conv2d(3, 12, 14, stride=14)
-        self.seen: list[tuple[float, float]] = []
-
-    def forward(self, x):
-        self.seen.append((float(x.min()), float(x.max())))
-        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
-        return self.proj(nn.functional.interpolate(x, size=(self.cfg["input_size"],) * 2))
+MOBILENET = {"name": "mobilenet_v2", "pretrained": True, "layer": 14, "input_size": 128}  # offline weights
 
 
-@pytest.fixture
-def fake_backbones(monkeypatch):
-    mod = types.ModuleType("backbones")
-    mod.build_backbone = _FakeBackbone
-    monkeypatch.setitem(sys.modules, "backbones", mod)
-
-
-def test_backbone_encoder_pools_to_the_latent_grid_and_freezes(fake_backbones):
-    enc = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone={"input_size": 112},
-                                   latent_grid=4, freeze=True)
-    assert (enc.out_features, enc.downsample, enc.grid) == (12, 8, 4)  # native grid 8 -> pooled to 4
+def test_backbone_encoder_pools_to_the_latent_grid_and_freezes(one_thread):
+    """The real backbones package: ImageNet MobileNetV2 (stride 16 at 128 px -> grid 8)."""
+    enc = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone=MOBILENET, latent_grid=4, freeze=True)
+    assert (enc.out_features, enc.downsample, enc.grid) == (96, 8, 4)  # native grid 8 -> pooled to 4
+    assert "IMAGENET1K_V1" in enc.weights_source
     enc.train()
-    assert enc.training and not enc.bb.training
+    assert enc.training and not enc.bb.training    # frozen BatchNorm keeps its running statistics
     x = torch.rand(2, 1, 32, 32) * 2 - 1     # the Tokenizer feeds encoders [-1, 1]
     f = enc(x)
-    assert f.shape == (2, 12, 4, 4)
-    lo, hi = enc.bb.seen[-1]
-    assert lo >= 0.0 and hi <= 1.0          # the backbone gets [0, 1]
+    assert f.shape == (2, 96, 4, 4)
+    # The backbone gets [0, 1] images: the same features as calling it directly and pooling.
+    with torch.no_grad():
+        ref = nn.functional.adaptive_avg_pool2d(enc.bb((x + 1) * 0.5), 4)
+    torch.testing.assert_close(f, ref)
     assert not any(p.requires_grad for p in enc.parameters())
-    probed = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone={"input_size": 56})
-    assert (probed.grid, probed.downsample) == (4, 8)   # native grid found by a probe forward
-    up = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone={"input_size": 28}, latent_grid=4)
-    assert up(x).shape == (2, 12, 4, 4)      # native 2 -> interpolated up to 4
+    probed = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone=MOBILENET)
+    assert (probed.grid, probed.downsample) == (8, 4)   # native grid found by a probe forward
+    mae = {"name": "offline-mae", "pretrained": False, "arch": {"embed_dim": 32, "depth": 1, "num_heads": 2}}
+    up = ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone=mae, latent_grid=16)
+    assert up(x).shape == (2, 32, 16, 16)      # native 8 -> interpolated up to 16
+    assert up.weights_source == "random"
     with pytest.raises(ValueError, match="must divide"):
-        ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone={"input_size": 56}, latent_grid=5)
+        ENCODERS.get("backbone")(in_channels=1, image_size=32, backbone=MOBILENET, latent_grid=5)

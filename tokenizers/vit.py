@@ -68,7 +68,7 @@ class BackboneEncoder(nn.Module):
             from backbones import build_backbone
         except ImportError as exc:
             raise ImportError(f"encoder 'backbone' needs the project's `backbones` package: {exc}") from exc
-        self.bb = build_backbone(dict(backbone), in_channels)
+        self.bb = build_backbone(dict(backbone))
         self.out_features = int(self.bb.out_dim)
         self.weights_source = str(getattr(self.bb, "weights_source", "unknown"))
         self.freeze = bool(freeze)
