@@ -56,9 +56,13 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
     base = _compose(overrides)
     grid = OmegaConf.to_container(base.grid, resolve=True)
     user_keys = {_key(o) for o in overrides}
+    # A group the user picks (prior=gmm) replaces the cell's, and with it the cell's settings of
+    # that group's keys (prior.n_images=..., loss.weight=...), which were meant for the cell's choice.
+    user_groups = {k for k in user_keys if "." not in k}
     cells: list[Cell] = []
     for cell_overrides in grid["cells"]:
-        kept = [o for o in cell_overrides if _key(o) not in user_keys]
+        kept = [o for o in cell_overrides if _key(o) not in user_keys
+                and _key(o).split(".", 1)[0] not in user_groups]
         cfg_dc = _compose(kept + overrides)
         for seed in grid.get("seeds", [0]):
             cfg = OmegaConf.to_container(cfg_dc, resolve=True)

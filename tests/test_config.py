@@ -21,6 +21,9 @@ def test_command_line_overrides_win_over_cells():
     assert {c.keys["prior"] for c in cells} == {"gmm"}
     # the kl cell keeps its own loss group but the user's weight applies everywhere
     assert {c.keys["lambda"] for c in cells} == {3.0}
+    # a group picked by the user drops the cells' settings for the group they replaced
+    _, cells = config.load(["loss=kl"])
+    assert {c.keys["lambda"] for c in cells} == {1e-3}
 
 
 def test_seeds_multiply_cells():
