@@ -8,6 +8,7 @@ row that depends on it: a prior built on random weights must never pass for a pr
 """
 from __future__ import annotations
 
+import abc
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,6 +31,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in {"1", "true", "yes"}
 
 
+def is_weights_path(pretrained: object) -> bool:
+    """open_clip's ``pretrained`` is a tag (``openai``) or a local weights file; tell them apart."""
+    return isinstance(pretrained, str) and (os.sep in pretrained or "/" in pretrained
+                                            or pretrained.endswith((".bin", ".pt", ".safetensors")))
+
+
 def check_file(path: str | os.PathLike, what: str, how: str) -> Path:
     p = Path(path).expanduser()
     if not p.is_file():
@@ -37,7 +44,7 @@ def check_file(path: str | os.PathLike, what: str, how: str) -> Path:
     return p
 
 
-class FeatureBackbone(nn.Module):
+class FeatureBackbone(nn.Module, abc.ABC):
     """Base class: subclasses implement ``features`` on preprocessed RGB input."""
 
     out_dim: int
@@ -64,8 +71,9 @@ class FeatureBackbone(nn.Module):
                               align_corners=False, antialias=x.shape[-1] > self.input_size)
         return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed [N, 3, input_size, input_size] -> feature grid [N, out_dim, h, w]."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(self.preprocess(x))
@@ -124,8 +132,7 @@ def preflight(cfg: dict[str, Any] | None, what: str) -> None:
             f"weights file, or {what}.pretrained=false/null for random weights (labelled 'random')")
     ckpt = cfg.get("checkpoint")
     pretrained = cfg.get("pretrained")
-    if name == "open_clip" and isinstance(pretrained, str) and ("/" in pretrained or pretrained.endswith(
-            (".bin", ".pt", ".safetensors"))):
+    if name == "open_clip" and is_weights_path(pretrained):
         ckpt, pretrained = pretrained, None
     if ckpt:
         check_file(ckpt, f"{what} ({name})", f"Put the file there, or {hint}.")

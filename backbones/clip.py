@@ -6,12 +6,11 @@ by the text prior is in :mod:`backbones.text` and shares :func:`create_clip`.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-from backbones.base import BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline
+from backbones.base import BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline, is_weights_path
 
 # OpenAI CLIP's preprocessing statistics (open_clip.constants.OPENAI_DATASET_MEAN/STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,7 +23,7 @@ def create_clip(model: str, pretrained: str | None, image_size: int | None = Non
     how = (f"Download the open_clip weights for {model} on a machine with internet and set "
            f"pretrained=/path/to/open_clip_pytorch_model.bin, or pretrained=null for random weights "
            f"(labelled 'random' in results).")
-    if pretrained and (os.sep in str(pretrained) or str(pretrained).endswith((".bin", ".pt", ".safetensors"))):
+    if is_weights_path(pretrained):
         check_file(pretrained, f"open_clip model {model}", how)
         source = f"file:{pretrained}"
     elif pretrained:

@@ -137,7 +137,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     # Frozen-backbone stage (stage 1) on the offline MobileNetV2: feature extraction, then
     # bottleneck MLP + decoder steps on cached features, at the feature priors' defaults (bf16).
     from backbones import build_backbone
-    from tokenizers import DECODERS
+    from tokenizers import bottleneck_mlp, build_decoder
     mb = build_backbone({"name": "mobilenet_v2", "layer": 14, "input_size": 16 * shape[1]}).eval()
     n_feat = 16 if quick else 128
     xf = torch.rand(n_feat, ch, res, res)
@@ -148,10 +148,8 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
             mb(xf)
 
     feats = torch.randn(bs, mb.out_dim, shape[1], shape[2])
-    dcfg = dict(tc["decoder"])
-    s1_dec = DECODERS.get(dcfg.pop("name"))(latent_channels=shape[0], out_channels=ch, **dcfg)
-    s1_proj = torch.nn.Sequential(torch.nn.Conv2d(mb.out_dim, 2 * mb.out_dim, 1), torch.nn.SiLU(),
-                                  torch.nn.Conv2d(2 * mb.out_dim, shape[0], 1))
+    s1_dec = build_decoder(tc["decoder"], shape[0], ch)
+    s1_proj = bottleneck_mlp(mb.out_dim, 2 * mb.out_dim, shape[0])
     s1_opt = torch.optim.AdamW(list(s1_dec.parameters()) + list(s1_proj.parameters()), lr=1e-4)
 
     def stage1_step() -> None:

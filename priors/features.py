@@ -92,12 +92,6 @@ class BankPrior:
         return dict(self.info)
 
 
-def _decoder(cfg: dict[str, Any], latent_channels: int, out_channels: int) -> nn.Module:
-    from tokenizers import DECODERS
-    d = dict(cfg)
-    return DECODERS.get(d.pop("name"))(latent_channels=latent_channels, out_channels=out_channels, **d)
-
-
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 256,
                      precision: str = "fp32") -> torch.Tensor:
@@ -165,8 +159,9 @@ class FeaturePrior(BankPrior):
         hidden = int(s1["hidden"]) or 2 * d
         g = torch.Generator().manual_seed(self.seed + 11)
         torch.manual_seed(self.seed + 11)
-        proj = nn.Sequential(nn.Conv2d(d, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, c, 1))
-        dec = _decoder(s1["decoder"], c, images.images.shape[1])
+        from tokenizers import bottleneck_mlp, build_decoder
+        proj = bottleneck_mlp(d, hidden, c)
+        dec = build_decoder(s1["decoder"], c, images.images.shape[1])
         params = list(proj.parameters()) + list(dec.parameters())
         opt = torch.optim.AdamW(params, lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
         bs, iters = int(s1["batch_size"]), int(s1["iters"])

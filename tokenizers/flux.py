@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tokenizers.models import ResBlock
 from tokenizers.registry import DECODERS
 
 
@@ -24,15 +25,8 @@ def group_norm(ch: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(32, ch), ch, eps=1e-6)
 
 
-class ResnetBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(group_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                  group_norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.skip(x) + self.body(x)
+def ResnetBlock(cin: int, cout: int) -> ResBlock:
+    return ResBlock(cin, cout, norm=group_norm)
 
 
 class AttnBlock(nn.Module):

@@ -20,10 +20,13 @@ def _norm(ch: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int) -> None:
+    """Pre-activation ResNet block (norm, SiLU, conv) x 2 with a 1x1 skip when widths differ;
+    ``norm`` builds the GroupNorm (the FLUX decoder passes its own group count)."""
+
+    def __init__(self, cin: int, cout: int, norm=_norm) -> None:
         super().__init__()
-        self.body = nn.Sequential(_norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                  _norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.body = nn.Sequential(norm(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                  norm(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +84,12 @@ class ConvDecoder(nn.Module):
         return self.net(z)
 
 
+def bottleneck_mlp(cin: int, hidden: int, cout: int) -> nn.Sequential:
+    """Per-position MLP (1x1 convs, SiLU) from encoder features to latent channels: DMVAE's
+    1024 -> 2048 -> 32 bottleneck; also the frozen-backbone stage's projection."""
+    return nn.Sequential(nn.Conv2d(cin, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, cout, 1))
+
+
 class Tokenizer(nn.Module):
     """encode(x in [0,1]) -> z [N, C, h, w]; decode(z) -> x in roughly [0, 1]."""
 
@@ -92,7 +101,7 @@ class Tokenizer(nn.Module):
         out = latent_channels * (2 if stochastic else 1)
         feat = encoder.out_features
         hidden = bottleneck_hidden or 2 * feat
-        self.bottleneck = nn.Sequential(nn.Conv2d(feat, hidden, 1), nn.SiLU(), nn.Conv2d(hidden, out, 1))
+        self.bottleneck = bottleneck_mlp(feat, hidden, out)
         self.latent_channels = latent_channels
         side = image_size // encoder.downsample
         if side * encoder.downsample != image_size:
@@ -142,12 +151,18 @@ def latent_side(tok_cfg: dict, resolution: int) -> int:
     return resolution // 2 ** (len(enc.get("mult", [1])) - 1)
 
 
+def build_decoder(cfg: dict, latent_channels: int, out_channels: int) -> nn.Module:
+    """A decoder from its preset section (``name`` + kwargs)."""
+    d = dict(cfg)
+    return DECODERS.get(d.pop("name"))(latent_channels=latent_channels, out_channels=out_channels, **d)
+
+
 def build_tokenizer(cfg: dict, image_size: int, in_channels: int, stochastic: bool) -> Tokenizer:
     """Build from the tokenizer preset's ``encoder``/``decoder`` sections (``name`` + kwargs)."""
-    enc_cfg = dict(cfg["encoder"]); dec_cfg = dict(cfg["decoder"])
+    enc_cfg = dict(cfg["encoder"])
     c = int(cfg["latent_channels"])
     # image_size lets transformer encoders size their position embedding; conv ones ignore it.
     encoder = ENCODERS.get(enc_cfg.pop("name"))(in_channels=in_channels, image_size=image_size, **enc_cfg)
-    decoder = DECODERS.get(dec_cfg.pop("name"))(latent_channels=c, out_channels=in_channels, **dec_cfg)
+    decoder = build_decoder(cfg["decoder"], c, in_channels)
     return Tokenizer(encoder, decoder, c, image_size, stochastic=stochastic,
                      bottleneck_hidden=int(cfg.get("bottleneck_hidden", 0)))

@@ -81,14 +81,6 @@ def average_grads(params) -> None:
         g.copy_(flat[i: i + g.numel()].view_as(g)); i += g.numel()
 
 
-def _reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized():
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
 def gather_rows(local: torch.Tensor | None, rank: int) -> torch.Tensor | None:
     """The global batch from every rank's slice; this rank's rows keep their autograd graph."""
     if local is None or not dist.is_initialized():
@@ -172,7 +164,7 @@ def run(node: Node) -> dict:
         if gan is None or not gan.active(it):
             return rec, rec, out
         g_loss = hinge_g_loss(gan.logits(gan.augment(x_rec, _aug_generator(seed, it, "g", device), bs, rows.start)))
-        w = adaptive_weight(rec, g_loss, tok.decoder.last_layer, gan.max_weight, reduce=_reduce_mean)
+        w = adaptive_weight(rec, g_loss, tok.decoder.last_layer, gan.max_weight, reduce=distributed.all_reduce_mean)
         out.update(gan_g=float(g_loss.detach()), gan_adaptive_w=float(w))
         return rec + gan.weight * w * g_loss, rec, out
 
@@ -206,12 +198,12 @@ def run(node: Node) -> dict:
             with autocast():
                 x_rec = tok.decode(z)
                 loss, rec, rlogs = reconstruction(x_rec, x, it)
-            check_finite(_reduce_mean(loss.detach()), "tokenizer/finetune", it)
+            check_finite(distributed.all_reduce_mean(loss.detach()), "tokenizer/finetune", it)
             opt.zero_grad(set_to_none=True); loss.backward()
             average_grads(tok.decoder.parameters())
             torch.nn.utils.clip_grad_norm_(tok.decoder.parameters(), float(tc["grad_clip"]))
             opt.step(); sched.step()
-            logs.update(rlogs, rec=float(_reduce_mean(rec.detach())))
+            logs.update(rlogs, rec=float(distributed.all_reduce_mean(rec.detach())))
         elif step_tok:
             with autocast():
                 mean, logvar = tok.posterior(x, freeze_encoder=frozen_warmup and phase == "warmup")
@@ -227,12 +219,12 @@ def run(node: Node) -> dict:
                     # their share of d loss / d z once, from their own rank).
                     loss = loss + world * match.weight * m_loss
                     logs.update(mlogs)
-            check_finite(_reduce_mean(loss.detach()), f"tokenizer/{phase}", it)
+            check_finite(distributed.all_reduce_mean(loss.detach()), f"tokenizer/{phase}", it)
             opt.zero_grad(set_to_none=True); loss.backward()
             average_grads(tok.parameters())
             torch.nn.utils.clip_grad_norm_(tok.parameters(), float(tc["grad_clip"]))
             opt.step(); sched.step()
-            logs.update(rlogs, rec=float(_reduce_mean(rec.detach())))
+            logs.update(rlogs, rec=float(distributed.all_reduce_mean(rec.detach())))
             z_det = z.detach()
         else:
             with torch.no_grad(), autocast():
