@@ -68,3 +68,31 @@ class Checkpoint:
     def remove(self) -> None:
         self.path.unlink(missing_ok=True)
 
+
+
+def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.Generator, ckpt: Checkpoint,
+                steps: int, loss_at, window: int = 100, clip: float = 1.0) -> tuple[int, list[float], float]:
+    """The loop of the single-network stages (teacher, ssl_backbone): resume from ``ckpt`` (model,
+    optimiser, schedule, data generator, step), then per step ``loss_at(step)``, a finite check
+    naming the stage, backward, clipping, optimiser and schedule steps, and a checkpoint when due.
+    Returns (first step run, the last ``window`` losses, seconds spent in the loop)."""
+    import time
+    start = 0
+    if (state := ckpt.load()) is not None:
+        model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"]); data_rng.set_state(state["data_rng"]); start = state["step"]
+    t0, recent = time.perf_counter(), []
+    bar = progress(steps, stage, start)
+    for step in range(start, steps):
+        loss = loss_at(step)
+        check_finite(loss, stage, step)
+        opt.zero_grad(set_to_none=True); loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step(); sched.step()
+        recent = (recent + [float(loss.detach())])[-window:]
+        bar.update(1)
+        if ckpt.due(step + 1) and step + 1 < steps:
+            ckpt.save(step + 1, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
+                      data_rng=data_rng.get_state())
+    bar.close()
+    return start, recent, time.perf_counter() - t0

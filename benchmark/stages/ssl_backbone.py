@@ -7,7 +7,6 @@ the same backbone shares one trained model, as they would share a downloaded DIN
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
@@ -15,7 +14,7 @@ from backbones.offline_mae import MAE, MAE_MEAN, MAE_STD, mae_flops_per_image
 from benchmark.dag import Node, ssl_backbone_cfg
 from benchmark.stages.common import dataset
 from benchmark.store import save_torch
-from benchmark.training import Checkpoint, check_finite, progress, resolve_device, warmup_lambda
+from benchmark.training import Checkpoint, resolve_device, train_steps, warmup_lambda
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +41,8 @@ def run(node: Node) -> dict:
     std = torch.tensor(MAE_STD, device=device).view(1, 3, 1, 1)
     steps, bs = int(tr["steps"]), int(tr["batch_size"])
     ckpt = Checkpoint(node.dir / "ckpt.pt", int(tr["checkpoint_every"]))
-    start = 0
-    if (state := ckpt.load()) is not None:
-        mae.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"]); gen.set_state(state["data_rng"]); start = state["step"]
-    t0, recent = time.perf_counter(), []
-    bar = progress(steps, "ssl_backbone", start)
-    for step in range(start, steps):
+
+    def loss_at(step: int) -> torch.Tensor:
         idx = torch.randint(len(train), (bs,), generator=gen)
         x = train.float_batch(idx).to(device)
         # Random horizontal flips: the one augmentation MAE uses besides crops (which would
@@ -56,18 +50,9 @@ def run(node: Node) -> dict:
         flip = torch.rand(bs, generator=gen) < 0.5
         x = torch.where(flip.view(-1, 1, 1, 1).to(device), x.flip(-1), x)
         x = (x.expand(-1, 3, -1, -1) - mean) / std
-        loss = mae.loss(x, float(tr["mask_ratio"]), generator=gen)
-        check_finite(loss, "ssl_backbone", step)
-        opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(mae.parameters(), 1.0)
-        opt.step(); sched.step()
-        recent = (recent + [float(loss.detach())])[-50:]
-        bar.update(1)
-        if ckpt.due(step + 1) and step + 1 < steps:
-            ckpt.save(step + 1, model=mae.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                      data_rng=gen.get_state())
-    bar.close()
-    elapsed = time.perf_counter() - t0
+        return mae.loss(x, float(tr["mask_ratio"]), generator=gen)
+
+    start, recent, elapsed = train_steps("ssl_backbone", mae, opt, sched, gen, ckpt, steps, loss_at, window=50)
     save_torch(node.dir / "backbone.pt", {k: v.cpu() for k, v in mae.state_dict().items()})
     ckpt.remove()
     ips = (steps - start) * bs / max(elapsed, 1e-9)
