@@ -31,8 +31,12 @@ def test_adaptive_weight_matches_hand_computation():
     assert float(adaptive_weight(rec, gan, w)) == pytest.approx(expect, rel=1e-6)
     tiny = (w * 1e-12).sum()                                          # |grad gan| ~ 0 -> clamped
     assert float(adaptive_weight(rec * 1e6, tiny, w)) == 1e4
-    halved = adaptive_weight(rec, gan, w, reduce=lambda g: g * torch.tensor([[1.0, 1.0], [1.0, 1.0]]))
-    assert float(halved) == pytest.approx(expect, rel=1e-6)
+    # Data parallel: `reduce` averages each gradient with the other rank's. Rank 1's gradients
+    # here are rec: 1 at [1,1] and gan: 0 -> means rec (1.5, 0, 0, 0.5), gan (0, 1, 1, 0), so the
+    # weight is |(1.5, .5)| / |(1, 1)| = sqrt(2.5) / sqrt(2), not the local 3 / (2 sqrt 2).
+    other = iter([torch.tensor([[0.0, 0.0], [0.0, 1.0]]), torch.zeros(2, 2)])
+    averaged = adaptive_weight(rec, gan, w, reduce=lambda g: (g + next(other)) / 2)
+    assert float(averaged) == pytest.approx(2.5 ** 0.5 / (2 ** 0.5 + 1e-4), rel=1e-6)
 
 
 @pytest.mark.parametrize("n_layers", [1, 3])
