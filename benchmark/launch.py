@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from benchmark.dag import Node
+from benchmark.registry import import_plugins
 from benchmark.stages import runner
 from benchmark.store import write_json, write_text
 
@@ -39,6 +40,9 @@ def run_node(node: Node) -> dict:
     write_json(node.dir / "slice.json", {"stage": node.stage, "key": node.key, "slice": node.slice,
                                          "deps": {r: d.key for r, d in node.deps.items()}})
     (node.dir / "failed.json").unlink(missing_ok=True)
+    # A stage may run in a fresh process (a spawned worker, a SLURM job, a requeue) that never
+    # loaded the config: modules named in `plugins=[...]` must register there too.
+    import_plugins(node.cfg.get("plugins") or [])
     handler = _stage_log(node)
     t0 = time.perf_counter()
     try:

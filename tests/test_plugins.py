@@ -1,6 +1,8 @@
 """A prior from a separately installed package (entry point), and one named in `plugins=`."""
+import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -42,3 +44,42 @@ def test_plugin_named_in_config_and_collisions(installed_plugin):
     with pytest.raises(RegistryError, match="registered twice") as e:
         PRIORS.register("laplace")(object)
     assert "gaussian" in str(e.value)
+
+
+# A plugin module that only `plugins=[...]` can find: not installed, no entry point, importable
+# through PYTHONPATH alone (a user's own module next to their sweep).
+CONFIG_ONLY_PLUGIN = textwrap.dedent("""
+    import torch
+    from priors import PRIORS
+
+    @PRIORS.register("uniform-from-config")
+    class UniformPrior:
+        class_conditional = False
+        def __init__(self, latent_shape, half_width=1.5, **_):
+            self.name, self.latent_shape, self.half_width = "uniform-from-config", tuple(latent_shape), float(half_width)
+        def fit(self, ctx):
+            return None
+        def sample(self, n, generator=None, labels=None):
+            return (2 * torch.rand(n, *self.latent_shape, generator=generator) - 1) * self.half_width
+        def state_dict(self):
+            return {"half_width": torch.tensor(self.half_width)}
+        def load_state_dict(self, state):
+            self.half_width = float(state["half_width"])
+""")
+
+
+@pytest.mark.slow
+def test_plugin_named_only_in_config_runs_in_stage_workers(tiny_overrides, tmp_path):
+    """`plugins=[module]` without any entry point: the grid process imports the module, and so
+    must every process that runs a stage (the local launcher's spawned workers here; SLURM jobs
+    go through the same run_node)."""
+    (tmp_path / "my_cfg_prior.py").write_text(CONFIG_ONLY_PLUGIN)
+    over = [*tiny_overrides, "grid=single", "prior.name=uniform-from-config", "plugins=[my_cfg_prior]",
+            "loss.teacher_steps=4", "loss.teacher_batch_size=8", "launcher.workers=2"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "benchmark.grid", *over], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (csv,) = list((tmp_path / "runs" / "sweeps").glob("*/results.csv"))
+    row = pd.read_csv(csv).iloc[0]
+    assert row["prior"] == "uniform-from-config" and row["status"] == "done", row.to_dict()
