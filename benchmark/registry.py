@@ -23,8 +23,12 @@ class RegistryError(LookupError):
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, plural: str | None = None, legacy_groups: tuple[str, ...] = ()) -> None:
         self.kind = kind
+        # The entry-point group is the plural of the kind ("dmvae_bench.priors"); irregular
+        # plurals are given, and groups spelled differently by earlier releases still load.
+        self.group = f"{ENTRY_POINT_PREFIX}{plural or kind + 's'}"
+        self.legacy_groups = tuple(legacy_groups)
         self._entries: dict[str, T] = {}
         self._origin: dict[str, str] = {}
         self._plugins_loaded = False
@@ -56,7 +60,7 @@ class Registry(Generic[T]):
             raise RegistryError(
                 f"unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(self.names())}. "
                 f"Third-party {self.kind}s register through the entry-point group "
-                f"'{ENTRY_POINT_PREFIX}{self.kind}s' or a module named in `plugins=[...]`."
+                f"'{self.group}' or a module named in `plugins=[...]`."
             )
         return self._entries[name]
 
@@ -65,17 +69,20 @@ class Registry(Generic[T]):
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
-        group = f"{ENTRY_POINT_PREFIX}{self.kind}s"
-        for ep in metadata.entry_points(group=group):
-            try:
-                ep.load()
-            except RegistryError:
-                raise
-            except Exception as exc:  # a broken plugin must name itself, not crash obscurely
-                raise RegistryError(
-                    f"plugin {ep.name!r} ({ep.value}) in entry-point group {group!r} failed to "
-                    f"import: {exc!r}. Registered {self.kind}s: {', '.join(self.names())}"
-                ) from exc
+        for group in (self.group, *self.legacy_groups):
+            for ep in metadata.entry_points(group=group):
+                if group != self.group:
+                    log.warning("plugin %r uses the old entry-point group %r; rename it to %r",
+                                ep.name, group, self.group)
+                try:
+                    ep.load()
+                except RegistryError:
+                    raise
+                except Exception as exc:  # a broken plugin must name itself, not crash obscurely
+                    raise RegistryError(
+                        f"plugin {ep.name!r} ({ep.value}) in entry-point group {group!r} failed to "
+                        f"import: {exc!r}. Registered {self.kind}s: {', '.join(self.names())}"
+                    ) from exc
 
 
 def import_plugins(modules: Iterable[str]) -> None:
