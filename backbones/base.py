@@ -101,16 +101,39 @@ def build_backbone(cfg: dict[str, Any], **overrides: Any) -> FeatureBackbone:
     return BACKBONES.get(cfg["name"])(**args)
 
 
-def hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    """Whether the HuggingFace hub answers a TCP connect (fast fail on offline machines)."""
+def hub_endpoint() -> tuple[str, int]:
+    """(host, port) of the HuggingFace hub that huggingface_hub will use: $HF_ENDPOINT (a mirror,
+    or a local proxy on a cluster) or huggingface.co."""
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    return url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the HuggingFace hub answers one TCP connect. One probe with a short timeout:
+    huggingface_hub itself retries a refused or unanswered request 5 times with back-off
+    (measured here: 48 s against a closed port), which is far too long for a config check."""
     import socket
     if hub_offline():
         return False
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection(hub_endpoint(), timeout=timeout):
             return True
     except OSError:
         return False
+
+
+def require_hub_weights(repo: str | None, what: str, how: str) -> None:
+    """Raise MissingWeightsError at once when ``repo``'s weights are neither in the local HF
+    cache nor downloadable, instead of letting the hub client retry for a minute."""
+    if not repo or _hub_cached(repo):
+        return
+    if not hub_reachable():
+        host, port = hub_endpoint()
+        raise MissingWeightsError(f"{what}: pretrained weights from {host}/{repo.rstrip('/')} are not in "
+                                  f"the local cache and the hub ({host}:{port}) cannot be reached. "
+                                  f"Download them on a machine with internet (`hf download "
+                                  f"{repo.rstrip('/')}`) and copy the HF cache here. {how}")
 
 
 def _hub_cached(repo_id: str) -> bool:
@@ -141,14 +164,18 @@ def preflight(cfg: dict[str, Any] | None, what: str) -> None:
         return
     repo = None
     if name == "timm":
-        import timm
-        pcfg = timm.models.get_pretrained_cfg(cfg["model"])
-        repo = getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+        repo = timm_hub_repo(cfg["model"])
     elif name == "open_clip":
-        import open_clip
-        repo = (open_clip.get_pretrained_cfg(cfg.get("model", ""), str(pretrained)) or {}).get("hf_hub")
-    if repo and not _hub_cached(repo) and not hub_reachable():
-        raise MissingWeightsError(f"{what} ({name} {cfg.get('model', '')}): pretrained weights from "
-                                  f"huggingface.co/{repo.rstrip('/')} are not in the local cache and the hub "
-                                  f"cannot be reached. Download them on a machine with internet "
-                                  f"(`hf download {repo.rstrip('/')}`) and copy the HF cache here, or {hint}.")
+        repo = open_clip_hub_repo(cfg.get("model", ""), str(pretrained))
+    require_hub_weights(repo, f"{what} ({name} {cfg.get('model', '')})", f"Or {hint}.")
+
+
+def timm_hub_repo(model: str) -> str | None:
+    import timm
+    pcfg = timm.models.get_pretrained_cfg(model)
+    return getattr(pcfg, "hf_hub_id", None) if pcfg is not None else None
+
+
+def open_clip_hub_repo(model: str, tag: str) -> str | None:
+    import open_clip
+    return (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub")

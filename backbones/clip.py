@@ -10,7 +10,8 @@ from typing import Any
 
 import torch
 
-from backbones.base import BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline, is_weights_path
+from backbones.base import (BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline,
+                            is_weights_path, open_clip_hub_repo, require_hub_weights)
 
 # OpenAI CLIP's preprocessing statistics (open_clip.constants.OPENAI_DATASET_MEAN/STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,6 +31,7 @@ def create_clip(model: str, pretrained: str | None, image_size: int | None = Non
         if hub_offline():
             raise MissingWeightsError(f"open_clip model {model}: tag {pretrained!r} requested but "
                                       f"HF_HUB_OFFLINE=1. {how}")
+        require_hub_weights(open_clip_hub_repo(model, str(pretrained)), f"open_clip model {model}", how)
         source = f"open_clip:{model}/{pretrained}"
     else:
         source = "random"

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from backbones.base import (BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline,
+                            require_hub_weights, timm_hub_repo,
                             tokens_to_grid)
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -47,6 +48,8 @@ class TimmBackbone(FeatureBackbone):
         if load and not checkpoint and hub_offline():
             raise MissingWeightsError(f"timm backbone {model}: pretrained weights requested but "
                                       f"HF_HUB_OFFLINE=1. {how}")
+        if load and not checkpoint:
+            require_hub_weights(timm_hub_repo(model), f"timm backbone {model}", how)
         try:
             net = timm.create_model(model, pretrained=load, **kwargs)
         except (OSError, RuntimeError) as e:  # hub errors subclass OSError / RuntimeError
