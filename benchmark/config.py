@@ -8,6 +8,7 @@ user always wins; a group chosen on the command line (``prior=gmm``) replaces th
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +87,11 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
         PRIORS.get(c["prior"]["name"])
         _preflight_prior(c["prior"])
         LOSSES.get(c["loss"]["name"])
+        weight = c["loss"].get("weight", 0.0)
+        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            # The loss classes check this too, but only when the tokenizer stage builds them,
+            # after the reference and teacher stages have run.
+            raise ValueError(f"cell {cell.label}: loss.weight (lambda) must be a finite number >= 0, got {weight!r}")
         ENCODERS.get(c["tokenizer"]["encoder"]["name"])
         DECODERS.get(c["tokenizer"]["decoder"]["name"])
         for name in (c["generator"]["model"],) + ((c["loss"].get("score_net"),) if c["loss"]["name"] == "dm" else ()):

@@ -53,12 +53,13 @@ def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplo
         assert (d / "record.json").exists() and (d / "config.yaml").exists()
         assert not list(d.glob("*.tmp-*")) and not (d / "ckpt.pt").exists()
     # A rerun skips every finished stage.
+    # (How fast a rerun is belongs to benchmark.perf and the README, not to a timed assertion.)
+    records = {p: p.stat().st_mtime_ns for p in stages.glob("*/*/record.json")}
     caplog.clear()
     caplog.set_level(logging.INFO)
-    t0 = time.perf_counter()
     assert grid.main(tiny_overrides) == 0
     assert "0 to run" in caplog.text
-    assert time.perf_counter() - t0 < 30
+    assert {p: p.stat().st_mtime_ns for p in stages.glob("*/*/record.json")} == records
 
 
 def _run(args, env=None):
@@ -75,9 +76,11 @@ def test_kill_9_then_resume_gives_identical_tokenizer(tiny_overrides, tmp_path):
     assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()[-3000:]
     # Interrupt the second run as soon as the tokenizer has written a checkpoint.
     proc = _run(over + [f"run_root={tmp_path / 'b'}"], env)
-    deadline = time.time() + 300
+    # A condition wait: the limit only guards against a hang, it is not a speed requirement.
+    deadline = time.time() + 1800
     while not list((tmp_path / "b").glob("stages/tokenizer/*/ckpt.pt")):
-        assert proc.poll() is None and time.time() < deadline, "tokenizer never checkpointed"
+        assert proc.poll() is None, "the run ended before the tokenizer checkpointed"
+        assert time.time() < deadline, "tokenizer never checkpointed (hang guard)"
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
