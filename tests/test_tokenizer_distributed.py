@@ -26,8 +26,11 @@ LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # the flat all-reduce). Bounds: ~60x headroom. A perceptual term (MobileNetV2, sharp
 # normalisations) makes early AdamW steps amplify the same noise to ~1e-2 after 20 steps, so it
 # is off here; its split-batch gradient agrees with the full batch's to 4e-6 (measured).
-OUT_TOL = 1e-4
-WEIGHT_TOL = 1e-3
+# bf16 autocast (cpu-tiny's default) rounds the two runs' different partial sums to 8 bits and
+# AdamW amplifies that: measured outputs 1.4e-2, non-bias weights 3.5e-2 relative after the same
+# 20 iterations. The bound must still catch a broken data-parallel step: with the gradient
+# all-reduce removed the difference is 0.47-0.49 (outputs) and 0.19 (weights) in both precisions.
+TOL = {"fp32": (1e-4, 1e-3), "bf16": (5e-2, 1e-1)}  # (outputs, non-bias weights), relative
 
 
 def _outputs(cfg: dict, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,15 +46,14 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / a.abs().max().clamp_min(1e-12))
 
 
-@pytest.mark.slow  # ~36 s on the 2-core machine (torchrun start-up, two runs)
-def test_two_processes_match_one_process(tiny_overrides, tmp_path, monkeypatch):
+@pytest.mark.slow  # ~36 s per precision on the 2-core machine (torchrun start-up, two runs)
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_two_processes_match_one_process(precision, tiny_overrides, tmp_path, monkeypatch):
     for k in list(os.environ):
         if k in LAUNCH_VARS or k.startswith("SLURM_"):
             monkeypatch.delenv(k)
-    # fp32: the stated tolerances are for float-sum order; bf16 autocast (cpu-tiny's default)
-    # rounds the two runs' different partial sums to 8 bits and AdamW amplifies that.
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
-        "tokenizer.lr_warmup_steps=1", "tokenizer.precision=fp32"]
+        "tokenizer.lr_warmup_steps=1", f"tokenizer.precision={precision}"]
     a, b = tmp_path / "a", tmp_path / "b"
     for stage in ("reference", "tokenizer"):
         assert run_stage.main(["--stage", stage, *over, f"run_root={a}"]) == 0
@@ -71,7 +73,8 @@ def test_two_processes_match_one_process(tiny_overrides, tmp_path, monkeypatch):
     out = max(_rel(za, zb), _rel(ra, rb))
     ta, tb = (torch.load(d / "tokenizer.pt", weights_only=True) for d in (da, db))
     weights = max(_rel(ta[k], tb[k]) for k in ta if not k.endswith("bias"))
-    print(f"2 processes vs 1: outputs {out:.2e}, non-bias weights {weights:.2e} (relative)")
-    assert out <= OUT_TOL and weights <= WEIGHT_TOL, (out, weights)
+    print(f"{precision}: 2 processes vs 1: outputs {out:.2e}, non-bias weights {weights:.2e} (relative)")
+    out_tol, weight_tol = TOL[precision]
+    assert out <= out_tol and weights <= weight_tol, (out, weights)
     fa, fb = (read_json(d / "final_logs.json") for d in (da, db))
     assert fa["fake_fm"] == pytest.approx(fb["fake_fm"], rel=1e-4)  # fake network in step
