@@ -8,6 +8,7 @@ user always wins; a group chosen on the command line (``prior=gmm``) replaces th
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark.registry import RegistryError, import_plugins
+from benchmark.store import stable_hash
 
 CONFIG_MODULE = "benchmark.conf"
 
@@ -51,9 +53,56 @@ def _key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("+~")
 
 
+def expand_sweeps(overrides: list[str]) -> list[list[str]]:
+    """Comma sweeps (``prior=gaussian,gmm loss.weight=1,10``) as hydra's basic sweeper expands
+    them: the product of every swept key's values, in command-line order; other overrides are
+    kept as typed. Lists (``grid.seeds=[0,1]``) are values, not sweeps. ``range(...)`` and
+    ``choice(...)`` enumerate; ``interval(...)`` is refused, as the basic sweeper does."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    axes: list[list[str]] = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            axes.append([o.input_line])
+        elif o.is_discrete_sweep():
+            axes.append([f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()])
+        else:
+            raise ValueError(f"{o.input_line}: only comma sweeps (a,b,c), choice(...) and range(...) expand here, "
+                             f"not {o.value_type.name.lower()} sweeps")
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
 def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]]:
-    """Return (base config, cells). Validates every cell before anything runs."""
-    overrides = list(overrides or [])
+    """Return (base config, cells). Validates every cell before anything runs.
+
+    Comma sweeps on the command line multiply the grid: every combination of swept values is
+    applied to every cell of the grid preset (with or without hydra's ``--multirun``)."""
+    combos = expand_sweeps(list(overrides or []))
+    base_dict: dict[str, Any] | None = None
+    cells: list[Cell] = []
+    seen: set[str] = set()
+    for combo in combos:
+        base, combo_cells = _cells_for(combo)
+        if base_dict is None:
+            base_dict = base
+        elif _run_settings(base) != _run_settings(base_dict):
+            raise ValueError("run_root, launcher and grid cannot be swept: they define where and how "
+                             "the whole sweep runs, not a cell")
+        for cell in combo_cells:  # two combinations may resolve to the same cell: run it once
+            ident = stable_hash(cell.cfg)
+            if ident not in seen:
+                seen.add(ident)
+                cells.append(cell)
+    assert base_dict is not None
+    validate(base_dict, cells)
+    return base_dict, cells
+
+
+def _run_settings(base: dict[str, Any]) -> tuple:
+    return base.get("run_root"), stable_hash(base.get("launcher")), stable_hash(base.get("grid"))
+
+
+def _cells_for(overrides: list[str]) -> tuple[dict[str, Any], list[Cell]]:
     base = _compose(overrides)
     grid = OmegaConf.to_container(base.grid, resolve=True)
     user_keys = {_key(o) for o in overrides}
@@ -69,9 +118,7 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
             cfg = OmegaConf.to_container(cfg_dc, resolve=True)
             cfg["seed"] = int(seed)
             cells.append(Cell(cfg, int(seed)))
-    base_dict = OmegaConf.to_container(base, resolve=True)
-    validate(base_dict, cells)
-    return base_dict, cells
+    return OmegaConf.to_container(base, resolve=True), cells
 
 
 def validate(base: dict[str, Any], cells: list[Cell]) -> None:

@@ -44,10 +44,84 @@ def prepare(overrides: list[str]) -> tuple[dict, list[config.Cell], list[dag.Nod
     return base, cells, order, per_cell, sweep_dir
 
 
+FLAGS = """\
+Flags (hydra's conventions; everything else is a hydra override):
+  -h, --help          this help: the config groups, their options, the flags
+  --cfg job           print every cell's resolved config (YAML) and exit; nothing runs or is written
+  -m, --multirun      accepted for hydra compatibility: comma sweeps expand with or without it
+
+Overrides:
+  group=option        pick a preset of a group, e.g. prior=gmm tokenizer=cpu-small
+  key=value           set a value, e.g. loss.weight=10 eval.n_samples=5000 run_root=/scratch/runs
+  ++key=value         add or set a key that the preset does not declare
+  key=a,b,c           comma sweep: the product of all swept keys, applied to every grid cell,
+                      e.g. prior=gaussian,gmm loss.weight=1,10 (4 combinations)
+"""
+
+
+def help_text() -> str:
+    """The config groups with their options (read from the config tree) and the flags."""
+    from importlib import resources
+    conf = resources.files("benchmark.conf")
+    lines = ["python -m benchmark.grid [flags] [overrides]: run a prior sweep end to end.", "",
+             "Config groups (group=option; the default in brackets):"]
+    defaults = {}
+    for entry in yaml.safe_load(conf.joinpath("config.yaml").read_text())["defaults"]:
+        if isinstance(entry, dict):
+            defaults.update(entry)
+    for group in sorted(p.name for p in conf.iterdir() if p.is_dir() and not p.name.startswith("_")):
+        options = sorted(f.name[:-5] for f in conf.joinpath(group).iterdir() if f.name.endswith(".yaml"))
+        shown = [f"[{o}]" if o == defaults.get(group) else o for o in options]
+        lines.append(f"  {group:<10} {' '.join(shown)}")
+    return "\n".join(lines) + "\n\n" + FLAGS
+
+
+def parse_flags(args: list[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """Split the suite's flags from hydra overrides. Unknown flags are an error (a mistyped
+    flag would otherwise reach hydra's override parser as a confusing lexer error)."""
+    flags: dict[str, str | bool] = {}
+    overrides: list[str] = []
+    it = iter(args)
+    for a in it:
+        if a in ("-h", "--help"):
+            flags["help"] = True
+        elif a in ("-m", "--multirun"):
+            flags["multirun"] = True
+        elif a == "--cfg" or a.startswith("--cfg="):
+            what = a.split("=", 1)[1] if "=" in a else next(it, "")
+            if what not in ("job", "all"):
+                raise ValueError(f"--cfg takes 'job' (or 'all'), got {what!r}")
+            flags["cfg"] = what
+        elif a.startswith("-"):
+            raise ValueError(f"unknown flag {a!r}. Flags: --help, --cfg job, --multirun")
+        else:
+            overrides.append(a)
+    return flags, overrides
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    overrides = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        flags, overrides = parse_flags(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    if flags.get("help"):
+        sys.stdout.write(help_text())
+        return 0
     t0 = time.perf_counter()
+    if flags.get("cfg"):
+        try:
+            _, cells = config.load(overrides)
+        except Exception as exc:
+            log.error("invalid configuration: %s", exc)
+            return 2
+        for cell in cells:
+            sys.stdout.write(f"# cell {cell.label}\n")
+            sys.stdout.write(yaml.safe_dump(cell.cfg, sort_keys=False))
+            sys.stdout.write("---\n")
+        return 0
     try:
         base, cells, order, per_cell, sweep_dir = prepare(overrides)
     except Exception as exc:  # a bad config is reported before any work starts
