@@ -98,174 +98,235 @@ def _aug_generator(seed: int, step: int, what: str, device: torch.device) -> tor
     return torch.Generator(device=device).manual_seed((base + step) % 2**32)
 
 
-def run(node: Node) -> dict:
-    cfg, tc = node.cfg, node.cfg["tokenizer"]
-    seed = int(cfg["seed"])
-    info = distributed.current(cfg.get("device", "auto"))
-    device, world, rank = info.device, info.world_size, info.rank
-    bs = int(tc["batch_size"])
-    if bs % world:
-        raise ValueError(f"tokenizer.batch_size={bs} is the global batch and must divide evenly over "
-                         f"{world} processes; use a multiple of {world}")
-    n_loc = bs // world
-    rows = slice(rank * n_loc, (rank + 1) * n_loc)
-    precision = str(tc.get("precision", "fp32"))
-    if precision not in PRECISIONS:
-        raise ValueError(f"tokenizer.precision={precision!r}; known: {', '.join(PRECISIONS)}")
-    torch.manual_seed(seed)
-    train = dataset(cfg, "train")
-    prior = load_prior(node)
-    tok = build_tokenizer_for(cfg).train().to(device)
-    match = build_matching_loss(node, prior).to(device)  # moves dm's fake/teacher, discriminators
-    prior_norm = getattr(prior, "latent_norm", None)  # feature priors normalise their features
-    p_weight = float(tc.get("perceptual_weight", 0.0))
-    perceptual = build_perceptual(str(tc["perceptual"])).to(device) if p_weight > 0 else None
-    gcfg = dict(tc.get("gan") or {})
-    gan = PatchGAN(int(cfg["dataset"]["channels"]), **gcfg).to(device) if float(gcfg.get("weight", 0)) > 0 else None
-    opt = torch.optim.AdamW(tok.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
-                            weight_decay=float(tc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(int(tc["lr_warmup_steps"])))
-    w_it, m_it, f_it = int(tc["warmup_iters"]), int(tc["match_iters"]), int(tc["finetune_iters"])
-    total = w_it + m_it + f_it
-    frozen_warmup = bool(tc.get("warmup_frozen_encoder", False))
-    data_rng = torch.Generator().manual_seed(seed + 7)
-    ckpt = Checkpoint(node.dir / "ckpt.pt", int(tc["checkpoint_every"]))
-    start = 0
-    if (state := ckpt.load()) is not None:  # every rank loads the same file
-        tok.load_state_dict(state["tok"]); opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"]); match.load_state_dict(state["match"])
-        match.load_extra_state(state["match_extra"]); data_rng.set_state(state["data_rng"])
-        if gan is not None:
-            gan.load_state_dict(state["gan"]); gan.opt.load_state_dict(state["gan_opt"])
-        start = state["step"]
-    distributed.barrier()  # all ranks have read ckpt.pt before rank 0 may replace it
-    # Compiled in place (nn.Module.compile): state_dict keys stay those of the plain modules.
-    if bool(tc.get("compile", False)):
-        tok.encoder.compile(); tok.decoder.compile()
-    # bf16 autocast (the paper's setting) on CUDA, and on CPUs with bf16 units; fp32 weights and
-    # optimiser state either way.
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else contextlib.nullcontext
-    shape = tuple(tok.latent_shape)
+class TokenizerTraining:
+    """Everything one tokenizer run holds (models, optimisers, matching loss, GAN, data order,
+    distributed slice), with one method per phase step. ``run`` below reads as the schedule."""
 
-    def norm(z: torch.Tensor) -> torch.Tensor:
-        return prior_norm.normalize(z) if prior_norm is not None else z
+    def __init__(self, node: Node) -> None:
+        cfg, tc = node.cfg, node.cfg["tokenizer"]
+        self.node, self.cfg, self.tc = node, cfg, tc
+        self.seed = int(cfg["seed"])
+        self.info = distributed.current(cfg.get("device", "auto"))
+        self.device, self.world, self.rank = self.info.device, self.info.world_size, self.info.rank
+        self.bs = bs = int(tc["batch_size"])
+        if bs % self.world:
+            raise ValueError(f"tokenizer.batch_size={bs} is the global batch and must divide evenly over "
+                             f"{self.world} processes; use a multiple of {self.world}")
+        n_loc = bs // self.world
+        self.rows = slice(self.rank * n_loc, (self.rank + 1) * n_loc)
+        self.precision = str(tc.get("precision", "fp32"))
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"tokenizer.precision={self.precision!r}; known: {', '.join(PRECISIONS)}")
+        torch.manual_seed(self.seed)
+        device = self.device
+        self.train = dataset(cfg, "train")
+        self.prior = load_prior(node)
+        self.tok = build_tokenizer_for(cfg).train().to(device)
+        self.match = build_matching_loss(node, self.prior).to(device)  # moves dm's fake/teacher, discriminators
+        self.prior_norm = getattr(self.prior, "latent_norm", None)  # feature priors normalise their features
+        self.p_weight = float(tc.get("perceptual_weight", 0.0))
+        self.perceptual = build_perceptual(str(tc["perceptual"])).to(device) if self.p_weight > 0 else None
+        gcfg = dict(tc.get("gan") or {})
+        self.gan = PatchGAN(int(cfg["dataset"]["channels"]), **gcfg).to(device) \
+            if float(gcfg.get("weight", 0)) > 0 else None
+        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
+                                     weight_decay=float(tc["weight_decay"]))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(int(tc["lr_warmup_steps"])))
+        self.w_it, self.m_it, self.f_it = int(tc["warmup_iters"]), int(tc["match_iters"]), int(tc["finetune_iters"])
+        self.total = self.w_it + self.m_it + self.f_it
+        self.frozen_warmup = bool(tc.get("warmup_frozen_encoder", False))
+        self.data_rng = torch.Generator().manual_seed(self.seed + 7)
+        self.ckpt = Checkpoint(node.dir / "ckpt.pt", int(tc["checkpoint_every"]))
+        self.shape = tuple(self.tok.latent_shape)
+        self.logs: dict[str, float] = {}
 
-    def reconstruction(x_rec: torch.Tensor, x: torch.Tensor, it: int
-                       ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    # ---- checkpoints
+
+    def resume(self) -> int:
+        """Load the last checkpoint (every rank reads the same file); returns the next iteration."""
+        start = 0
+        if (state := self.ckpt.load()) is not None:
+            self.tok.load_state_dict(state["tok"]); self.opt.load_state_dict(state["opt"])
+            self.sched.load_state_dict(state["sched"]); self.match.load_state_dict(state["match"])
+            self.match.load_extra_state(state["match_extra"]); self.data_rng.set_state(state["data_rng"])
+            if self.gan is not None:
+                self.gan.load_state_dict(state["gan"]); self.gan.opt.load_state_dict(state["gan_opt"])
+            start = state["step"]
+        distributed.barrier()  # all ranks have read ckpt.pt before rank 0 may replace it
+        return start
+
+    def save(self, next_it: int) -> None:
+        gan = self.gan
+        extra = {"gan": gan.state_dict(), "gan_opt": gan.opt.state_dict()} if gan is not None else {}
+        self.ckpt.save(next_it, tok=_plain_state(self.tok), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
+                       match=self.match.state_dict(), match_extra=self.match.extra_state(),
+                       data_rng=self.data_rng.get_state(), **extra)
+
+    # ---- pieces of a step
+
+    def autocast(self):
+        # bf16 autocast (the paper's setting) on CUDA, and on CPUs with bf16 units; fp32 weights
+        # and optimiser state either way.
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def norm(self, z: torch.Tensor) -> torch.Tensor:
+        return self.prior_norm.normalize(z) if self.prior_norm is not None else z
+
+    def phase(self, it: int) -> str:
+        return "warmup" if it < self.w_it else ("match" if it < self.w_it + self.m_it else "finetune")
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's images and the global batch's labels (every rank draws the global batch)."""
+        idx = torch.randint(len(self.train), (self.bs,), generator=self.data_rng)
+        return self.train.float_batch(idx[self.rows]).to(self.device), self.train.labels[idx].to(self.device)
+
+    def reconstruction(self, x_rec: torch.Tensor, x: torch.Tensor, it: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(loss, reconstruction part without the GAN term, logs)"""
+        tc, gan = self.tc, self.gan
         x_rec = x_rec.float()
         rec = pixel_loss(x_rec, x, float(tc["l1_weight"]), float(tc.get("l2_weight", 0.0)))
         out = {}
-        if perceptual is not None:
-            p = perceptual(x_rec, x)
-            rec = rec + p_weight * p
+        if self.perceptual is not None:
+            p = self.perceptual(x_rec, x)
+            rec = rec + self.p_weight * p
             out["perceptual"] = float(p.detach())
         if gan is None or not gan.active(it):
             return rec, rec, out
-        g_loss = hinge_g_loss(gan.logits(gan.augment(x_rec, _aug_generator(seed, it, "g", device), bs, rows.start)))
-        w = adaptive_weight(rec, g_loss, tok.decoder.last_layer, gan.max_weight, reduce=distributed.all_reduce_mean)
+        aug = _aug_generator(self.seed, it, "g", self.device)
+        g_loss = hinge_g_loss(gan.logits(gan.augment(x_rec, aug, self.bs, self.rows.start)))
+        w = adaptive_weight(rec, g_loss, self.tok.decoder.last_layer, gan.max_weight,
+                            reduce=distributed.all_reduce_mean)
         out.update(gan_g=float(g_loss.detach()), gan_adaptive_w=float(w))
         return rec + gan.weight * w * g_loss, rec, out
 
-    def disc_step(x: torch.Tensor, x_rec: torch.Tensor, it: int) -> dict:
-        with autocast():
-            real = gan.logits(gan.augment(x, _aug_generator(seed, it, "real", device), bs, rows.start))
-            fake = gan.logits(gan.augment(x_rec.detach().float(), _aug_generator(seed, it, "fake", device),
-                                          bs, rows.start))
+    def optimise(self, loss: torch.Tensor, rec: torch.Tensor, params: list, what: str, it: int) -> None:
+        """Finite check over ranks, backward, gradient mean over ranks, clip, step."""
+        check_finite(distributed.all_reduce_mean(loss.detach()), f"tokenizer/{what}", it)
+        self.opt.zero_grad(set_to_none=True); loss.backward()
+        average_grads(params)
+        torch.nn.utils.clip_grad_norm_(params, float(self.tc["grad_clip"]))
+        self.opt.step(); self.sched.step()
+        self.logs["rec"] = float(distributed.all_reduce_mean(rec.detach()))
+
+    # ---- the three phases
+
+    def finetune_step(self, x: torch.Tensor, it: int) -> torch.Tensor:
+        """Phase 3: decoder only; encoder and bottleneck frozen (they get no gradient)."""
+        with torch.no_grad(), self.autocast():
+            z = self.tok.encode(x).float()
+        with self.autocast():
+            x_rec = self.tok.decode(z)
+            loss, rec, rlogs = self.reconstruction(x_rec, x, it)
+        self.logs.update(rlogs)
+        self.optimise(loss, rec, list(self.tok.decoder.parameters()), "finetune", it)
+        return x_rec
+
+    def tokenizer_step(self, x: torch.Tensor, y_all: torch.Tensor, eps: torch.Tensor | None, phase: str,
+                       it: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phases 1-2: reconstruction, plus lambda x the matching loss on the gathered global
+        batch of latents in phase 2. Returns (reconstruction, detached latents)."""
+        tok, match = self.tok, self.match
+        with self.autocast():
+            mean, logvar = tok.posterior(x, freeze_encoder=self.frozen_warmup and phase == "warmup")
+            mean = mean.float(); logvar = None if logvar is None else logvar.float()
+            z = mean if logvar is None else mean + (0.5 * logvar).exp() * eps
+            x_rec = tok.decode(z)
+            loss, rec, rlogs = self.reconstruction(x_rec, x, it)
+            if phase == "match" and match.weight > 0:
+                zg, mg, lg = (gather_rows(t, self.rank) for t in (z, mean, logvar))
+                post = (mg, lg) if lg is not None else None
+                m_loss, mlogs = match(self.norm(zg.float()), y_all, it, posterior=post)
+                # x world: the gradient averaging divides it back (each rank's rows get their
+                # share of d loss / d z once, from their own rank).
+                loss = loss + self.world * match.weight * m_loss
+                self.logs.update(mlogs)
+        self.logs.update(rlogs)
+        self.optimise(loss, rec, list(tok.parameters()), phase, it)
+        return x_rec, z.detach()
+
+    def matching_networks_step(self, z_det: torch.Tensor, y_all: torch.Tensor, it: int) -> None:
+        """The loss's own networks (dm's fake) track q(z), from the first iteration on."""
+        with self.autocast():
+            self.logs.update(self.match.update(self.norm(gather_rows(z_det, self.rank)), y_all, it))
+
+    def disc_step(self, x: torch.Tensor, x_rec: torch.Tensor, it: int) -> None:
+        gan, bs, off = self.gan, self.bs, self.rows.start
+        with self.autocast():
+            real = gan.logits(gan.augment(x, _aug_generator(self.seed, it, "real", self.device), bs, off))
+            fake = gan.logits(gan.augment(x_rec.detach().float(), _aug_generator(self.seed, it, "fake", self.device),
+                                          bs, off))
             d_loss = hinge_d_loss(real.float(), fake.float())
         gan.opt.zero_grad(set_to_none=True); d_loss.backward()
         average_grads(gan.disc.parameters())
         gan.opt.step()
-        return {"gan_d": float(d_loss.detach())}
+        self.logs["gan_d"] = float(d_loss.detach())
 
-    logs: dict[str, float] = {}
-    t0 = time.perf_counter()
-    bar = progress(total, "tokenizer", start) if info.is_main else tqdm(disable=True)
-    for it in range(start, total):
-        idx = torch.randint(len(train), (bs,), generator=data_rng)  # the global batch, on every rank
-        x, y_all = train.float_batch(idx[rows]).to(device), train.labels[idx].to(device)
-        phase = "warmup" if it < w_it else ("match" if it < w_it + m_it else "finetune")
-        if phase != "finetune":
-            step_tok = phase == "warmup" or (it - w_it) % match.tokenizer_every == 0
-            # Drawn for the whole global batch from the shared RNG, so that every rank's stream
-            # stays identical (one process draws exactly randn_like of its latents).
-            eps = torch.randn((bs, *shape), device=device)[rows] if tok.stochastic and step_tok else None
+    def iteration(self, it: int) -> None:
+        x, y_all = self.batch()
+        phase = self.phase(it)
         x_rec = None
         if phase == "finetune":
-            with torch.no_grad(), autocast():  # encoder + bottleneck frozen: they get no gradient
-                z = tok.encode(x).float()
-            with autocast():
-                x_rec = tok.decode(z)
-                loss, rec, rlogs = reconstruction(x_rec, x, it)
-            check_finite(distributed.all_reduce_mean(loss.detach()), "tokenizer/finetune", it)
-            opt.zero_grad(set_to_none=True); loss.backward()
-            average_grads(tok.decoder.parameters())
-            torch.nn.utils.clip_grad_norm_(tok.decoder.parameters(), float(tc["grad_clip"]))
-            opt.step(); sched.step()
-            logs.update(rlogs, rec=float(distributed.all_reduce_mean(rec.detach())))
-        elif step_tok:
-            with autocast():
-                mean, logvar = tok.posterior(x, freeze_encoder=frozen_warmup and phase == "warmup")
-                mean = mean.float(); logvar = None if logvar is None else logvar.float()
-                z = mean if logvar is None else mean + (0.5 * logvar).exp() * eps
-                x_rec = tok.decode(z)
-                loss, rec, rlogs = reconstruction(x_rec, x, it)
-                if phase == "match" and match.weight > 0:
-                    zg, mg, lg = gather_rows(z, rank), gather_rows(mean, rank), gather_rows(logvar, rank)
-                    post = (mg, lg) if lg is not None else None
-                    m_loss, mlogs = match(norm(zg.float()), y_all, it, posterior=post)
-                    # x world: the gradient averaging below divides it back (each rank's rows get
-                    # their share of d loss / d z once, from their own rank).
-                    loss = loss + world * match.weight * m_loss
-                    logs.update(mlogs)
-            check_finite(distributed.all_reduce_mean(loss.detach()), f"tokenizer/{phase}", it)
-            opt.zero_grad(set_to_none=True); loss.backward()
-            average_grads(tok.parameters())
-            torch.nn.utils.clip_grad_norm_(tok.parameters(), float(tc["grad_clip"]))
-            opt.step(); sched.step()
-            logs.update(rlogs, rec=float(distributed.all_reduce_mean(rec.detach())))
-            z_det = z.detach()
+            x_rec = self.finetune_step(x, it)
         else:
-            with torch.no_grad(), autocast():
-                z_det = tok.encode(x).float()
-        if phase != "finetune":
-            # The loss's own networks (dm's fake) track q(z) from the first iteration on.
-            with autocast():
-                logs.update(match.update(norm(gather_rows(z_det, rank)), y_all, it))
-        if gan is not None and x_rec is not None and gan.active(it):
-            logs.update(disc_step(x, x_rec, it))
+            step_tok = phase == "warmup" or (it - self.w_it) % self.match.tokenizer_every == 0
+            # Drawn for the whole global batch from the shared RNG, so that every rank's stream
+            # stays identical (one process draws exactly randn_like of its latents).
+            eps = torch.randn((self.bs, *self.shape), device=self.device)[self.rows] \
+                if self.tok.stochastic and step_tok else None
+            if step_tok:
+                x_rec, z_det = self.tokenizer_step(x, y_all, eps, phase, it)
+            else:
+                with torch.no_grad(), self.autocast():
+                    z_det = self.tok.encode(x).float()
+            self.matching_networks_step(z_det, y_all, it)
+        if self.gan is not None and x_rec is not None and self.gan.active(it):
+            self.disc_step(x, x_rec, it)
+
+    # ---- the end
+
+    def finish(self, start: int, elapsed: float) -> dict:
+        """Latent normalisation, weights and the record (rank 0)."""
+        from tokenizers import LatentNorm
+        tok, tc = self.tok.eval(), self.tc
+        z_all = encode_all(tok, subset(self.train, int(tc["norm_images"]), seed=self.seed), device=self.device)
+        lnorm = LatentNorm.fit(z_all)
+        save_torch(self.node.dir / "tokenizer.pt", {k: v.cpu() for k, v in _plain_state(tok).items()})
+        lnorm.save(self.node.dir / "latent_norm.json")
+        swd = _swd_to_prior(self.norm(z_all), self.prior)
+        self.ckpt.remove()
+        total, bs, gan, perceptual = self.total, self.bs, self.gan, self.perceptual
+        write_json(self.node.dir / "final_logs.json", self.logs)
+        return {"latent_mean": lnorm.mean, "latent_scale": lnorm.scale, "latent_swd_to_prior": swd,
+                "tokenizer_iters": total, "tokenizer_iters_per_s": (total - start) / max(elapsed, 1e-9),
+                "tokenizer_images_per_s": (total - start) * bs / max(elapsed, 1e-9),
+                "tokenizer_world_size": self.world, "tokenizer_precision": self.precision,
+                "tokenizer_compile": bool(tc.get("compile", False)),
+                "perceptual": perceptual.name if perceptual is not None else "none",
+                "perceptual_weight": self.p_weight,
+                "final_rec_loss": self.logs.get("rec", float("nan")), **self.match.describe(),
+                **(gan.describe() if gan is not None else {"gan": "none"})}
+
+
+def run(node: Node) -> dict:
+    t = TokenizerTraining(node)
+    start = t.resume()
+    # Compiled in place (nn.Module.compile): state_dict keys stay those of the plain modules.
+    if bool(t.tc.get("compile", False)):
+        t.tok.encoder.compile(); t.tok.decoder.compile()
+    t0 = time.perf_counter()
+    bar = progress(t.total, "tokenizer", start) if t.info.is_main else tqdm(disable=True)
+    for it in range(start, t.total):
+        t.iteration(it)
         bar.update(1)
         if bar.disable is False:
-            bar.set_postfix({k: f"{v:.3g}" for k, v in logs.items()})
-        if info.is_main and ckpt.due(it + 1) and it + 1 < total:
-            extra = {"gan": gan.state_dict(), "gan_opt": gan.opt.state_dict()} if gan is not None else {}
-            ckpt.save(it + 1, tok=_plain_state(tok), opt=opt.state_dict(), sched=sched.state_dict(),
-                      match=match.state_dict(), match_extra=match.extra_state(),
-                      data_rng=data_rng.get_state(), **extra)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in t.logs.items()})
+        if t.info.is_main and t.ckpt.due(it + 1) and it + 1 < t.total:
+            t.save(it + 1)
     bar.close()
     elapsed = time.perf_counter() - t0
-    if not info.is_main:
-        return {}
-    tok.eval()
-    from tokenizers import LatentNorm
-    z_all = encode_all(tok, subset(train, int(tc["norm_images"]), seed=seed), device=device)
-    lnorm = LatentNorm.fit(z_all)
-    save_torch(node.dir / "tokenizer.pt", {k: v.cpu() for k, v in _plain_state(tok).items()})
-    lnorm.save(node.dir / "latent_norm.json")
-    swd = _swd_to_prior(norm(z_all), prior)
-    ckpt.remove()
-    rec = {"latent_mean": lnorm.mean, "latent_scale": lnorm.scale, "latent_swd_to_prior": swd,
-           "tokenizer_iters": total, "tokenizer_iters_per_s": (total - start) / max(elapsed, 1e-9),
-           "tokenizer_images_per_s": (total - start) * bs / max(elapsed, 1e-9),
-           "tokenizer_world_size": world, "tokenizer_precision": precision,
-           "tokenizer_compile": bool(tc.get("compile", False)),
-           "perceptual": perceptual.name if perceptual is not None else "none",
-           "perceptual_weight": p_weight,
-           "final_rec_loss": logs.get("rec", float("nan")), **match.describe(),
-           **(gan.describe() if gan is not None else {"gan": "none"})}
-    write_json(node.dir / "final_logs.json", logs)
-    return rec
+    return t.finish(start, elapsed) if t.info.is_main else {}
 
 
 def _plain_state(tok: torch.nn.Module) -> dict[str, torch.Tensor]:
