@@ -14,7 +14,9 @@ from benchmark.config import Cell
 from benchmark.store import stable_hash
 
 # Bump when a stage's outputs change meaning, so old run directories are not reused.
-STAGE_VERSION = {"fid_ref": 1, "ssl_backbone": 1, "reference": 2, "teacher": 1, "tokenizer": 1, "recon_eval": 1,
+# teacher 2: its network is seeded before it is built (version 1 started from whatever state the
+# worker process's RNG was in, so its runs are not reproducible and must not be reused).
+STAGE_VERSION = {"fid_ref": 1, "ssl_backbone": 1, "reference": 2, "teacher": 2, "tokenizer": 1, "recon_eval": 1,
                  "generator": 2, "gen_eval": 1}
 STAGES = tuple(STAGE_VERSION)
 
@@ -82,9 +84,19 @@ def ssl_backbone_cfg(prior: dict[str, Any]) -> dict[str, Any] | None:
 DOC_KEYS = frozenset({"reproduces", "description", "epochs", "label"})
 
 
-def _strip_docs(obj: Any) -> Any:
+# Checkpoint intervals of the teacher (loss.teacher_checkpoint_every), the offline MAE
+# (prior.backbone.train.checkpoint_every) and stage 1 of feature priors
+# (prior.stage1.checkpoint_every) say how often a stage saves, not what it computes (resume is
+# bit-exact: tests/test_stage_resume.py), so changing one must not orphan finished runs. The
+# tokenizer's and generator's own checkpoint_every have always been in their keys and stay
+# there, so existing run directories keep their names.
+def _is_interval(key: str, parent: str | None) -> bool:
+    return key == "teacher_checkpoint_every" or (key == "checkpoint_every" and parent in ("stage1", "train"))
+
+
+def _strip_docs(obj: Any, parent: str | None = None) -> Any:
     if isinstance(obj, dict):
-        return {k: _strip_docs(v) for k, v in obj.items() if k not in DOC_KEYS}
+        return {k: _strip_docs(v, k) for k, v in obj.items() if k not in DOC_KEYS and not _is_interval(k, parent)}
     if isinstance(obj, list):
         return [_strip_docs(v) for v in obj]
     return obj

@@ -47,14 +47,25 @@ def progress(total: int, desc: str, initial: int = 0) -> tqdm:
 
 
 class Checkpoint:
-    def __init__(self, path: Path, every: int) -> None:
-        self.path = Path(path)
+    """``path=None`` checkpoints nothing: the caller has no run directory (a prior fitted in a
+    test or a notebook), and the training loop stays the same code either way."""
+
+    def __init__(self, path: Path | None, every: int) -> None:
+        self.path = None if path is None else Path(path)
         self.every = max(1, int(every))
 
-    def load(self) -> dict[str, Any] | None:
-        if not self.path.exists():
+    def load(self, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The saved state (torch's RNG restored), or None. ``extra`` must equal what was saved
+        with the checkpoint (a fingerprint of inputs the caller recomputes, e.g. features),
+        else the checkpoint belongs to other inputs and is ignored: resuming on them would not
+        be bit-exact, so the stage starts over."""
+        if self.path is None or not self.path.exists():
             return None
         state = load_torch(self.path)
+        if state.get("extra", {}) != (extra or {}):
+            log.warning("%s was written for other inputs (%s, now %s); starting over", self.path,
+                        state.get("extra"), extra)
+            return None
         torch.set_rng_state(state["torch_rng"])
         log.info("resuming from %s at step %d", self.path, state["step"])
         return state
@@ -63,24 +74,31 @@ class Checkpoint:
         return step % self.every == 0
 
     def save(self, step: int, **state: Any) -> None:
-        save_torch(self.path, {"step": step, "torch_rng": torch.get_rng_state(), **state})
+        if self.path is not None:
+            save_torch(self.path, {"step": step, "torch_rng": torch.get_rng_state(), **state})
 
     def remove(self) -> None:
-        self.path.unlink(missing_ok=True)
-
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
 
 
 def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.Generator, ckpt: Checkpoint,
-                steps: int, loss_at, window: int = 100, clip: float = 1.0) -> tuple[int, list[float], float]:
-    """The loop of the single-network stages (teacher, ssl_backbone): resume from ``ckpt`` (model,
-    optimiser, schedule, data generator, step), then per step ``loss_at(step)``, a finite check
-    naming the stage, backward, clipping, optimiser and schedule steps, and a checkpoint when due.
+                steps: int, loss_at, window: int = 100, clip: float = 1.0,
+                extra_state: dict[str, Any] | None = None) -> tuple[int, list[float], float]:
+    """The loop of the single-network stages (teacher, ssl_backbone, stage 1 of feature priors):
+    resume from ``ckpt`` (model, optimiser, schedule when there is one, data generator, step),
+    then per step ``loss_at(step)``, a finite check naming the stage, backward, clipping,
+    optimiser and schedule steps, and a checkpoint when due. ``extra_state`` is saved with every
+    checkpoint and must match on resume (a fingerprint of inputs the caller recomputes), else
+    the checkpoint belongs to other inputs and training starts over.
     Returns (first step run, the last ``window`` losses, seconds spent in the loop)."""
     import time
     start = 0
-    if (state := ckpt.load()) is not None:
+    if (state := ckpt.load(extra_state)) is not None:
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"]); data_rng.set_state(state["data_rng"]); start = state["step"]
+        if sched is not None:
+            sched.load_state_dict(state["sched"])
+        data_rng.set_state(state["data_rng"]); start = state["step"]
     t0, recent = time.perf_counter(), []
     bar = progress(steps, stage, start)
     for step in range(start, steps):
@@ -88,11 +106,15 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
         check_finite(loss, stage, step)
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        opt.step(); sched.step()
+        opt.step()
+        if sched is not None:
+            sched.step()
         recent = (recent + [float(loss.detach())])[-window:]
         bar.update(1)
         if ckpt.due(step + 1) and step + 1 < steps:
-            ckpt.save(step + 1, model=model.state_dict(), opt=opt.state_dict(), sched=sched.state_dict(),
-                      data_rng=data_rng.get_state())
+            ckpt.save(step + 1, model=model.state_dict(), opt=opt.state_dict(),
+                      sched=None if sched is None else sched.state_dict(), data_rng=data_rng.get_state(),
+                      extra=extra_state or {})
     bar.close()
     return start, recent, time.perf_counter() - t0
+

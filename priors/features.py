@@ -15,9 +15,11 @@ loss, so the tokenizer architecture stays fixed while the prior varies.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -127,7 +129,7 @@ class FeaturePrior(BankPrior):
         self.name = label or f"features[{backbone['name']}]"
         self.backbone_cfg = dict(backbone)
         self.n_images, self.seed = int(n_images), int(seed)
-        self.stage1 = {"iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0,
+        self.stage1 = {"iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0, "checkpoint_every": 100,
                        "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1},
                        **(stage1 or {})}
         if precision not in ("fp32", "bf16"):
@@ -140,8 +142,7 @@ class FeaturePrior(BankPrior):
 
     def fit(self, ctx: FitContext) -> None:
         from benchmark.data import subset
-        from benchmark.training import check_finite
-        c, h, _ = self.latent_shape
+        h = self.latent_shape[1]
         t0 = time.perf_counter()
         backbone = self.build_backbone(ctx)
         images = subset(ctx.dataset, self.n_images, seed=self.seed)
@@ -154,30 +155,7 @@ class FeaturePrior(BankPrior):
         f_mean = feats.mean(dim=(0, 2, 3), keepdim=True)
         f_std = feats.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         feats = (feats - f_mean) / f_std
-        s1 = self.stage1
-        d = feats.shape[1]
-        hidden = int(s1["hidden"]) or 2 * d
-        g = torch.Generator().manual_seed(self.seed + 11)
-        torch.manual_seed(self.seed + 11)
-        from tokenizers import bottleneck_mlp, build_decoder
-        proj = bottleneck_mlp(d, hidden, c)
-        dec = build_decoder(s1["decoder"], c, images.images.shape[1])
-        params = list(proj.parameters()) + list(dec.parameters())
-        opt = torch.optim.AdamW(params, lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
-        bs, iters = int(s1["batch_size"]), int(s1["iters"])
-        rec = float("nan")
-        for it in range(iters):
-            idx = torch.randint(len(images), (bs,), generator=g)
-            x = images.float_batch(idx)
-            # bf16 autocast (when asked) for the decoder's convs, ~2x faster on this CPU.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                x_rec = (dec(proj(feats[idx])).float() + 1.0) * 0.5
-            loss = (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
-            check_finite(loss, f"reference/{self.name} stage 1", it)
-            opt.zero_grad(set_to_none=True); loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            rec = float(loss.detach())
+        proj, dec, rec = self._train_stage1(feats, images, ctx)
         with torch.no_grad():
             z = torch.cat([proj(feats[i:i + 1024]) for i in range(0, len(feats), 1024)])
             mse = float(torch.cat([F.mse_loss((dec(z[i:i + 256]) + 1) * 0.5,
@@ -187,8 +165,50 @@ class FeaturePrior(BankPrior):
         mean, scale = float(z.mean()), float(z.std())
         self._set_bank((z - mean) / scale, images.labels)
         self.info = {"backbone": self.backbone_cfg["name"], "backbone_weights": backbone.weights_source,
-                     "backbone_dim": int(d), "stage1_iters": iters, "stage1_final_loss": rec,
+                     "backbone_dim": int(feats.shape[1]), "stage1_iters": int(self.stage1["iters"]),
+                     "stage1_final_loss": rec,
                      "stage1_train_psnr": -10 * math.log10(max(mse, 1e-12)),
                      "reference_latent_mean": mean, "reference_latent_scale": scale,
                      "reference_bank_size": int(len(self.bank)), "feature_seconds": t_feat,
                      "stage1_seconds": time.perf_counter() - t0 - t_feat, "reference_precision": self.precision}
+
+    def _train_stage1(self, feats: torch.Tensor, images, ctx: FitContext) -> tuple[nn.Module, nn.Module, float]:
+        """Train the bottleneck MLP and the decoder on the standardised ``feats``; returns them and
+        the last loss. Checkpoints every ``stage1.checkpoint_every`` steps in ``ctx.out_dir``
+        (model, optimiser, data and torch RNG, step), so a killed reference stage resumes exactly.
+        The features are recomputed on resume rather than cached: extraction is deterministic
+        (frozen backbone in eval mode, seeded image subset), a cache would be ~130 MB per
+        reference at 4,096 images, and the checkpoint keeps their SHA-256, so a resume on
+        features that differ (another thread count or machine) starts over instead of mixing."""
+        from benchmark.training import Checkpoint, train_steps
+        from tokenizers import bottleneck_mlp, build_decoder
+        s1, c, d = self.stage1, self.latent_shape[0], feats.shape[1]
+        hidden = int(s1["hidden"]) or 2 * d
+        g = torch.Generator().manual_seed(self.seed + 11)
+        torch.manual_seed(self.seed + 11)
+        proj = bottleneck_mlp(d, hidden, c)
+        dec = build_decoder(s1["decoder"], c, images.images.shape[1])
+        model = nn.Sequential(proj, dec)  # one module for the loop; same parameter order as before
+        opt = torch.optim.AdamW(model.parameters(), lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
+        bs = int(s1["batch_size"])
+        # No run directory (a prior fitted outside the grid): nothing to resume, no checkpoint.
+        ckpt = Checkpoint(None if ctx.out_dir is None else Path(ctx.out_dir) / "stage1_ckpt.pt",
+                          int(s1["checkpoint_every"]))
+
+        def loss_at(step: int) -> torch.Tensor:
+            idx = torch.randint(len(images), (bs,), generator=g)
+            x = images.float_batch(idx)
+            # bf16 autocast (when asked) for the decoder's convs, ~2x faster on this CPU.
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                x_rec = (dec(proj(feats[idx])).float() + 1.0) * 0.5
+            return (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
+
+        _, recent, _ = train_steps(f"reference/{self.name} stage 1", model, opt, None, g, ckpt,
+                                   int(s1["iters"]), loss_at, window=1,
+                                   extra_state={"features_sha256": _sha256(feats)})
+        ckpt.remove()
+        return proj, dec, recent[-1] if recent else float("nan")
+
+
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()

@@ -19,14 +19,17 @@ def run(node: Node) -> dict:
     cfg, loss_cfg = node.cfg, node.cfg["loss"]
     prior = load_prior(node)
     device = resolve_device(cfg["device"])
+    # Seed before building the network: its initialisation must not depend on whatever the
+    # process ran before (a grid worker runs many stages), or reruns and resumes would differ.
+    torch.manual_seed(int(cfg["seed"]) + 101)
     net = build_score_net(cfg).train().to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(100))
     steps, bs = int(loss_cfg["teacher_steps"]), int(loss_cfg["teacher_batch_size"])
     ncls = int(cfg["dataset"]["num_classes"])
     gen = torch.Generator().manual_seed(int(cfg["seed"]) + 101)
-    torch.manual_seed(int(cfg["seed"]) + 101)
-    ckpt = Checkpoint(node.dir / "ckpt.pt", every=250)
+    # How often to save is not part of the stage key (benchmark/dag.py): resume is bit-exact.
+    ckpt = Checkpoint(node.dir / "ckpt.pt", every=int(loss_cfg.get("teacher_checkpoint_every", 100)))
 
     def loss_at(step: int) -> torch.Tensor:
         y = random_labels(bs, ncls, generator=gen)
