@@ -87,20 +87,26 @@ SUMMARY = KEY_COLS + ["status", "rfid", "psnr", "ssim", "gfid", "kid", "precisio
 SEED_METRICS = ["rfid", "psnr", "ssim", "gfid", "kid", "precision", "recall"]
 
 
-def over_seeds(wide: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std over seeds of each (dataset, prior, loss, lambda, presets) group."""
-    keys = [k for k in KEY_COLS if k != "seed"]
-    done = wide[wide["status"] == "done"].copy()
+def over_seeds(wide: pd.DataFrame, keys: list[str] | None = None, metrics: list[str] | None = None,
+               require: str | None = None, sort: bool = False) -> pd.DataFrame:
+    """Mean and sample std over seeds of the finished cells of each group of ``keys`` (default:
+    every key but the seed), with ``n_seeds``. ``require``: only cells with that metric set.
+    Missing values are NaN. The one implementation behind the tables and the figures."""
+    keys = list(keys or [k for k in KEY_COLS if k != "seed"])
+    metrics = list(metrics or SEED_METRICS)
+    done = wide[wide["status"] == "done"]
+    if require is not None:
+        done = done[pd.to_numeric(done[require], errors="coerce").notna()]
     rows = []
-    for key, grp in done.groupby(keys, dropna=False, sort=False):
-        row = dict(zip(keys, key))
+    for key, grp in done.groupby(keys, dropna=False, sort=sort):
+        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
         row["n_seeds"] = len(grp)
-        for m in SEED_METRICS:
-            vals = pd.to_numeric(grp[m], errors="coerce").dropna()
-            row[m] = vals.mean() if len(vals) else None
-            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else None
+        for m in metrics:
+            vals = pd.to_numeric(grp[m], errors="coerce").dropna() if m in grp else pd.Series(dtype=float)
+            row[m] = vals.mean() if len(vals) else math.nan
+            row[f"{m}_std"] = vals.std(ddof=1) if len(vals) > 1 else math.nan
         rows.append(row)
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=keys + ["n_seeds"] + [c for m in metrics for c in (m, f"{m}_std")])
 
 
 def _pm(mean: Any, std: Any) -> str:
@@ -138,30 +144,93 @@ def write_tables(sweep_dir: Path, run_root: Path) -> pd.DataFrame:
     return wide
 
 
-def tradeoff_plot(wide: pd.DataFrame, path: Path, recon: str = "rfid") -> None:
-    """Reconstruction metric against gFID, one labelled point per cell."""
+# ---------------------------------------------------------------- the trade-off figure
+# One function draws it for the sweep directory (after every run) and for the exported results
+# (benchmark.figures): rFID and PSNR against gFID, one marker per (prior, loss, lambda, presets)
+# group, mean over seeds with ± std bars.
+
+SETTING = ["dataset", "tokenizer", "generator"]
+LABEL_POINTS = 6  # more prior/loss labels than this overlap; the legend identifies every marker
+
+
+class NothingToPlot(Exception):
+    """A figure the sweep cannot support (yet); the message says why."""
+
+
+def palette(names: list[str]) -> dict[str, Any]:
+    import seaborn as sns
+    names = sorted(set(names))
+    return dict(zip(names, sns.color_palette("colorblind", max(len(names), 1))))
+
+
+def point_name(r: pd.Series, keys: list[str]) -> str:
+    """prior/loss, then whatever else tells groups apart: 'gaussian/dm λ=10 gen cpu-small'."""
+    fmt = {"lambda": lambda v: f"λ={float(v):g}", "generator": "gen {}".format, "tokenizer": "tok {}".format}
+    head = "/".join(str(r[k]) for k in keys if k in ("prior", "loss"))
+    return " ".join([head] * bool(head) + [fmt.get(k, str)(r[k]) for k in keys if k not in ("prior", "loss")])
+
+
+def counts_note(wide: pd.DataFrame) -> str:
+    n = pd.to_numeric(wide.get("n_samples"), errors="coerce").dropna()
+    return f"FID on {int(n.iloc[0])} samples" if len(n) and n.nunique() == 1 else "FID sample counts vary"
+
+
+def tradeoff_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
+    """(figure, caption); raises NothingToPlot when no finished cell has a gFID."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import seaborn as sns
-    from benchmark.store import save_figure
-
     sns.set_theme(style="whitegrid", context="paper")
-    ok = wide.dropna(subset=[recon, "gfid"])
-    fig, ax = plt.subplots(figsize=(5, 4))
-    if len(ok):
-        label = ok["prior"] + "/" + ok["loss"]
-        sns.scatterplot(x=ok["gfid"].astype(float), y=ok[recon].astype(float), hue=label, s=80, ax=ax)
-        for (_, r), lab in zip(ok.iterrows(), label):
-            ax.annotate(f"{lab} s{r['seed']}", (float(r["gfid"]), float(r[recon])), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-    else:
-        ax.text(0.5, 0.5, "no finished cells yet", ha="center", transform=ax.transAxes)
-    ax.set_xlabel("gFID (lower: easier to generate)")
-    ax.set_ylabel({"rfid": "rFID (lower: better reconstruction)", "psnr": "PSNR (dB)"}.get(recon, recon))
-    ax.set_title("Reconstruction vs generation")
-    fig.tight_layout()
-    save_figure(path, fig, dpi=150)
+    summ = over_seeds(wide, SETTING + ["prior", "loss", "lambda"], ["gfid", "rfid", "psnr"], require="gfid", sort=True)
+    if summ.empty:
+        raise NothingToPlot("no finished cell has gFID")
+    pal = palette(list(summ["prior"]))
+    multi_lambda = summ.groupby(["prior", "loss"])["lambda"].nunique().max() > 1
+    varying = [k for k in SETTING if summ[k].nunique() > 1]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, y, ylab in ((axes[0], "rfid", "rFID (lower: better reconstruction)"), (axes[1], "psnr", "PSNR (dB, higher: better)")):
+        ok = summ.dropna(subset=[y])
+        for _, r in ok.iterrows():
+            ax.errorbar(r["gfid"], r[y], xerr=None if math.isnan(r["gfid_std"]) else r["gfid_std"],
+                        yerr=None if math.isnan(r[f"{y}_std"]) else r[f"{y}_std"],
+                        fmt="none", ecolor=pal[r["prior"]], alpha=0.7, capsize=3, zorder=1)
+            # Label only what the legend cannot say (and only in the first panel: labels overlap).
+            text = point_name(r, (["prior", "loss"] if len(ok) <= LABEL_POINTS else [])
+                              + (["lambda"] if multi_lambda else []) + varying)
+            if text and ax is axes[0]:
+                ax.annotate(text, (r["gfid"], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        sns.scatterplot(data=ok, x="gfid", y=y, hue="prior", style="loss", palette=pal, s=80, ax=ax, zorder=2,
+                        hue_order=sorted(pal), style_order=sorted(summ["loss"].unique()), legend=ax is axes[-1])
+        ax.set_xlabel("gFID (lower: easier to generate)")
+        ax.set_ylabel(ylab)
+    if axes[-1].get_legend() is not None:  # absent when no cell has a PSNR
+        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1))
+    fig.suptitle(f"{title}: reconstruction vs generation ({counts_note(wide)}; bars: ± std over seeds)")
+    left_out = wide[~((wide["status"] == "done") & pd.to_numeric(wide["gfid"], errors="coerce").notna())]
+    caption = ("Each marker is one (prior, loss, lambda, presets) group, mean over seeds; bars are ± one "
+               "standard deviation (absent with one seed). Lower-left is better in the rFID panel, "
+               "upper-left in the PSNR panel.")
+    if len(left_out):
+        names = left_out["label"] if "label" in left_out else left_out["prior"] + "/" + left_out["loss"]
+        caption += f" Left out (no gFID): {', '.join(map(str, names))}."
+    return fig, caption
+
+
+def tradeoff_plot(wide: pd.DataFrame, path: Path, title: str = "sweep") -> None:
+    """The trade-off figure of a sweep directory, written after every run (a placeholder that
+    says so while no cell has finished)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from benchmark.store import save_figure
+    try:
+        fig, _ = tradeoff_figure(wide, title)
+    except NothingToPlot as e:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.text(0.5, 0.5, f"nothing to plot yet: {e}", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+    save_figure(path, fig, dpi=150, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -25,6 +25,18 @@ SWEEP_FILES = ("results.csv", "results_long.csv", "results_over_seeds.csv", "res
 IMAGES = {"gen_eval": "samples.png", "recon_eval": "reconstructions.png"}
 
 
+PAPER_DIR = "paper"  # results/paper holds the paper's tables, not a sweep
+
+
+def find_sweeps(results: Path) -> list[Path]:
+    """Exported sweep folders: those with results.csv and cells.json (results/paper is not one)."""
+    if not results.is_dir():
+        raise FileNotFoundError(f"results folder {results} does not exist; export a sweep first "
+                                "(python -m benchmark.export runs/sweeps/<sweep> results/<name>)")
+    return sorted(d for d in results.iterdir()
+                  if d.is_dir() and d.name != PAPER_DIR and (d / "results.csv").exists() and (d / "cells.json").exists())
+
+
 def cell_id(keys: dict) -> str:
     raw = f"{keys['prior']}-{keys['loss']}-l{keys['lambda']:g}-{keys['tokenizer']}-{keys['generator']}-s{keys['seed']}"
     return re.sub(r"[^A-Za-z0-9_.-]", "_", raw)

@@ -27,12 +27,13 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from benchmark.aggregate import KEY_COLS
+from benchmark.aggregate import (KEY_COLS, SETTING, NothingToPlot as Skip, over_seeds,
+                                 point_name as _name, tradeoff_figure)
+from benchmark.export import PAPER_DIR, find_sweeps
 from benchmark.store import read_json, save_figure, write_json, write_text
 
 log = logging.getLogger("benchmark.figures")
 
-PAPER_DIR = "paper"
 PAPER_TABLE1 = "dmvae_paper_table1_priors.csv"
 PAPER_TABLE2 = "dmvae_paper_table2_ablations.csv"
 PAPER_TABLE3 = "dmvae_paper_table3_system.csv"
@@ -58,10 +59,8 @@ PAPER_ROW_OF_PRIOR = {
     "sub-offline-mae": "SubDINO", "sub-dinov2": "SubDINO",
 }
 PAPER_LOSS, BASELINE_LOSS, BASELINE_ROW = "dm", "kl", "VAE baseline"
-LABEL_POINTS = 6  # more prior/loss labels than this overlap; the legend identifies every marker
 MIN_SHARED = 3  # Spearman's rho over fewer than 3 pairs is +-1 or undefined: not a finding
 
-SETTING = ["dataset", "tokenizer", "generator"]
 METRICS = ["gfid", "rfid", "psnr"]
 RANKING_COLS = SETTING + ["prior", "loss", "lambda", "n_seeds", "gfid", "gfid_std", "rfid", "psnr", "rank",
                           "paper_reference", "paper_gfid_5k", "paper_rank", "in_correlation",
@@ -81,15 +80,6 @@ def paper_reference(prior: str, loss: str) -> str | None:
 
 
 # ---------------------------------------------------------------- loading
-
-def find_sweeps(results: Path) -> list[Path]:
-    """Exported sweep folders: those with results.csv and cells.json (results/paper is not one)."""
-    if not results.is_dir():
-        raise FileNotFoundError(f"results folder {results} does not exist; export a sweep first "
-                                "(python -m benchmark.export runs/sweeps/<sweep> results/<name>)")
-    return sorted(d for d in results.iterdir()
-                  if d.is_dir() and d.name != PAPER_DIR and (d / "results.csv").exists() and (d / "cells.json").exists())
-
 
 def _epochs(cfg: dict[str, Any]) -> float | None:
     g = cfg.get("generator", {})
@@ -158,21 +148,6 @@ def read_paper_table(results: Path, name: str) -> pd.DataFrame | None:
     return pd.read_csv(io.StringIO(buf.getvalue()))
 
 
-def summarise(wide: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Mean and sample std over seeds of finished cells, per group of ``keys``."""
-    done = wide[(wide["status"] == "done") & wide["gfid"].notna()]
-    rows = []
-    for key, grp in done.groupby(keys, dropna=False, sort=True):
-        row = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
-        row["n_seeds"] = len(grp)
-        for m in METRICS:
-            v = grp[m].dropna()
-            row[m] = v.mean() if len(v) else math.nan
-            row[f"{m}_std"] = v.std(ddof=1) if len(v) > 1 else math.nan
-        rows.append(row)
-    return pd.DataFrame(rows, columns=keys + ["n_seeds"] + [c for m in METRICS for c in (m, f"{m}_std")])
-
-
 # ---------------------------------------------------------------- ranking (table 5)
 
 def ranking(wide: pd.DataFrame, paper: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -184,7 +159,7 @@ def ranking(wide: pd.DataFrame, paper: pd.DataFrame | None) -> tuple[pd.DataFram
     """
     from scipy.stats import spearmanr
 
-    summ = summarise(wide, SETTING + ["prior", "loss", "lambda"])
+    summ = over_seeds(wide, SETTING + ["prior", "loss", "lambda"], METRICS, require="gfid", sort=True)
     paper_gfid, paper_rank = {}, {}
     if paper is not None:
         paper_gfid = dict(zip(paper["reference"], paper["gfid_5k"]))
@@ -285,65 +260,6 @@ def _save(fig: Any, out: Path, stem: str) -> list[str]:
     save_figure(out / f"{stem}.pdf", fig, bbox_inches=bbox, metadata={"CreationDate": None})
     plt.close(fig)
     return [f"{stem}.png", f"{stem}.pdf"]
-
-
-def _palette(names: list[str]) -> dict[str, Any]:
-    import seaborn as sns
-    names = sorted(set(names))
-    return dict(zip(names, sns.color_palette("colorblind", max(len(names), 1))))
-
-
-def _counts_note(wide: pd.DataFrame) -> str:
-    n = pd.to_numeric(wide.get("n_samples"), errors="coerce").dropna()
-    return f"FID on {int(n.iloc[0])} samples" if len(n) and n.nunique() == 1 else "FID sample counts vary"
-
-
-class Skip(Exception):
-    """A figure the sweep cannot support; the message says why."""
-
-
-def tradeoff_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-    summ = summarise(wide, SETTING + ["prior", "loss", "lambda"])
-    if summ.empty:
-        raise Skip("no finished cell has gFID")
-    pal = _palette(list(summ["prior"]))
-    multi_lambda = summ.groupby(["prior", "loss"])["lambda"].nunique().max() > 1
-    varying = [k for k in SETTING if summ[k].nunique() > 1]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, y, ylab in ((axes[0], "rfid", "rFID (lower: better reconstruction)"), (axes[1], "psnr", "PSNR (dB, higher: better)")):
-        ok = summ.dropna(subset=[y])
-        for _, r in ok.iterrows():
-            ax.errorbar(r["gfid"], r[y], xerr=None if math.isnan(r["gfid_std"]) else r["gfid_std"],
-                        yerr=None if math.isnan(r[f"{y}_std"]) else r[f"{y}_std"],
-                        fmt="none", ecolor=pal[r["prior"]], alpha=0.7, capsize=3, zorder=1)
-            # Label only what the legend cannot say (and only in the first panel: labels overlap).
-            text = _name(r, (["prior", "loss"] if len(ok) <= LABEL_POINTS else [])
-                         + (["lambda"] if multi_lambda else []) + varying)
-            if text and ax is axes[0]:
-                ax.annotate(text, (r["gfid"], r[y]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-        sns.scatterplot(data=ok, x="gfid", y=y, hue="prior", style="loss", palette=pal, s=80, ax=ax, zorder=2,
-                        hue_order=sorted(pal), style_order=sorted(summ["loss"].unique()), legend=ax is axes[-1])
-        ax.set_xlabel("gFID (lower: easier to generate)")
-        ax.set_ylabel(ylab)
-    if axes[-1].get_legend() is not None:  # absent when no cell has a PSNR
-        sns.move_legend(axes[-1], "upper left", bbox_to_anchor=(1.02, 1))
-    fig.suptitle(f"{title}: reconstruction vs generation ({_counts_note(wide)}; bars: ± std over seeds)")
-    left_out = wide[~((wide["status"] == "done") & wide["gfid"].notna())]
-    caption = ("Each marker is one (prior, loss, lambda, presets) group, mean over seeds; bars are ± one "
-               "standard deviation (absent with one seed). Lower-left is better in the rFID panel, "
-               "upper-left in the PSNR panel.")
-    if len(left_out):
-        caption += f" Left out (no gFID): {', '.join(map(str, left_out['label']))}."
-    return fig, caption
-
-
-def _name(r: pd.Series, keys: list[str]) -> str:
-    """prior/loss, then whatever else tells groups apart: 'gaussian/dm λ=10 gen cpu-small'."""
-    fmt = {"lambda": lambda v: f"λ={float(v):g}", "generator": "gen {}".format, "tokenizer": "tok {}".format}
-    head = "/".join(str(r[k]) for k in keys if k in ("prior", "loss"))
-    return " ".join([head] * bool(head) + [fmt.get(k, str)(r[k]) for k in keys if k not in ("prior", "loss")])
 
 
 def _series_lines(wide: pd.DataFrame, x: str, group: list[str], title: str, xlabel: str, logx: bool) -> Any:

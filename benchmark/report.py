@@ -168,7 +168,7 @@ def write_report(sweep_dir: Path, page_dir: Path, paper_fig_dir: Path | None = N
 
 
 def main(argv: list[str] | None = None) -> None:
-    from benchmark.figures import PAPER_DIR, find_sweeps
+    from benchmark.export import PAPER_DIR, find_sweeps
     ap = argparse.ArgumentParser(prog="python -m benchmark.report",
                                  description="Write <out>/<sweep>/report.html for every exported sweep "
                                              "(figures drawn earlier by python -m benchmark.figures).")

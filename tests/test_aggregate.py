@@ -63,3 +63,10 @@ def test_aggregate_handles_missing_and_failed(tmp_path):
     aggregate.tradeoff_plot(aggregate.cell_rows(cells, root), sweep / "tradeoff.png")
     with Image.open(sweep / "tradeoff.png") as im:
         assert im.size[0] > 300 and im.size[1] > 300
+    # The sweep's plot is the figures' trade-off figure: legend entries name the prior and the
+    # loss (the sweep plot's legend used to be titled 'None'), and unfinished cells are named.
+    fig, caption = aggregate.tradeoff_figure(aggregate.cell_rows(cells, root), "t")
+    legend = fig.axes[-1].get_legend()
+    texts = [t.get_text() for t in legend.get_texts()] + [legend.get_title().get_text()]
+    assert "None" not in texts and {"prior", "loss", "gaussian", "dm"} <= set(texts), texts
+    assert "Left out (no gFID): gmm/dm, ssl/dm." in caption
