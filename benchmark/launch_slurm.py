@@ -15,6 +15,7 @@ stage resumes from its last checkpoint; submitit's checkpoint/requeue protocol l
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 from datetime import datetime, timezone
@@ -150,6 +151,10 @@ class StageJob(submitit.helpers.Checkpointable):
         env = submitit.JobEnvironment()
         log.info("%s: slurm job %s, task %d/%d on %s", node.key, env.job_id, env.global_rank,
                  env.num_tasks, env.hostname)
+        restarts = int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+        if restarts:  # SLURM sets it on every requeue: signal path, scontrol requeue, node failure alike
+            log.warning("%s: slurm job %s was requeued (restart %d); the stage resumes from its last "
+                        "checkpoint", node.key, env.job_id, restarts)
         if node.done():  # requeued after the record was written (the kill came late): keep it
             log.info("%s is already done: %s", node.key, node.record_path)
             return read_json(node.record_path)
@@ -177,7 +182,11 @@ class StageJob(submitit.helpers.Checkpointable):
             distributed.cleanup()
 
     def checkpoint(self, node: Node) -> submitit.helpers.DelayedSubmission:
-        log.warning("%s: requeued by SLURM; it resumes from its last checkpoint", node.key)
+        # submitit calls this from its SIGUSR2 handler (SLURM's --signal before the time limit, or
+        # a preemption) in task 0; returning the same call makes submitit `scontrol requeue` the job.
+        # Nothing is saved here: the stage resumes from its own periodic ckpt.pt.
+        log.warning("%s: caught the timeout/preemption signal in slurm job %s; requeueing it, the "
+                    "stage resumes from its last checkpoint", node.key, os.environ.get("SLURM_JOB_ID", "?"))
         return submitit.helpers.DelayedSubmission(self, node)
 
 

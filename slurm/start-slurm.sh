@@ -15,7 +15,8 @@
 #   SLURM_CGROUP      [no]              no (proctrack/linuxproc) | yes (cgroup v1, mem/core limits)
 #   SLURM_PARTITION   [debug]
 #   SLURM_DB_PORT     [3307]            MariaDB TCP port, bound to 127.0.0.1 only
-#   SLURM_WAIT_S      [60]              readiness timeout per step
+#   SLURM_WAIT_S      [180]             readiness timeout per step (a hang guard: a loaded 2-core
+#                                       machine can take a minute to start MariaDB or a job)
 set -euo pipefail
 
 BASE=${SLURM_TEST_BASE:-/tmp/dmvae-slurm}
@@ -24,7 +25,7 @@ AUTH=${SLURM_AUTH:-munge}
 CGROUP=${SLURM_CGROUP:-no}
 PARTITION=${SLURM_PARTITION:-debug}
 DB_PORT=${SLURM_DB_PORT:-3307}
-WAIT_S=${SLURM_WAIT_S:-60}
+WAIT_S=${SLURM_WAIT_S:-180}
 NODE=localhost
 CLUSTER=localcluster
 ETC=/etc/slurm
@@ -285,7 +286,7 @@ while :; do
   sleep 0.5
 done
 if [ -z "$(squeue -h -o %i)" ]; then   # queued jobs (recovered from $BASE/state) would make srun wait
-  timeout 60 srun -p "$PARTITION" -N1 -n1 -t 1 --mem=64 true \
+  timeout "$WAIT_S" srun -p "$PARTITION" -N1 -n1 -t 1 --mem=64 true \
     || { tail_logs "$LOG/slurmd.log" "$LOG/slurmctld.log"; die "smoke job (srun true) failed"; }
 else
   log "jobs recovered from $BASE/state are queued; skipped smoke job"
