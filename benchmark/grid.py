@@ -17,16 +17,10 @@ import yaml
 
 from benchmark import aggregate, config, dag
 from benchmark.launch import run_local
+from benchmark.logs import setup_logging
 from benchmark.store import stable_hash, write_json, write_text
 
 log = logging.getLogger("benchmark.grid")
-
-
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("matplotlib", "PIL", "torch_fidelity"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def prepare(overrides: list[str]) -> tuple[dict, list[config.Cell], list[dag.Node], list[dict], Path]:

@@ -86,7 +86,7 @@ def _worker_init(threads: int) -> None:
     _die_with_parent()
     torch.set_num_threads(threads)
     os.environ["DMVAE_NO_BARS"] = "1"  # several workers' bars would overwrite each other
-    from benchmark.grid import setup_logging
+    from benchmark.logs import setup_logging
     setup_logging()
 
 

@@ -135,7 +135,7 @@ def executor_parameters(cfg: dict, stage: str, name: str) -> dict:
 
 # ------------------------------------------------------------------------------ the jobs
 def _setup_job_logging() -> None:
-    from benchmark.grid import setup_logging
+    from benchmark.logs import setup_logging
     setup_logging()
 
 

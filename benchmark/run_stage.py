@@ -53,7 +53,7 @@ def run_one(node: Node, info: distributed.DistInfo) -> dict | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmark.grid import setup_logging
+    from benchmark.logs import setup_logging
     setup_logging()
     p = argparse.ArgumentParser(prog="python -m benchmark.run_stage", description=__doc__.split("\n\n")[0])
     p.add_argument("--stage", required=True, choices=dag.STAGES)
