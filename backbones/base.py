@@ -144,6 +144,32 @@ def _hub_cached(repo_id: str) -> bool:
                          "open_clip_pytorch_model.bin"))
 
 
+def preflight_backbone(cfg: dict[str, Any] | None, what: str) -> None:
+    """A backbone section's weights check: the backbone class's own ``preflight`` (the offline
+    MAE, whose weights a stage makes, has nothing to check), else :func:`preflight`."""
+    if not cfg:
+        return
+    own = getattr(BACKBONES.get(cfg["name"]), "preflight", None)
+    (own or preflight)(cfg, what)
+
+
+def backbone_upstream(cfg: dict[str, Any], backbone: dict[str, Any] | None) -> dict[str, Any]:
+    """The stages a backbone section needs (``upstream(cfg, backbone)`` of its class), by role."""
+    if not backbone:
+        return {}
+    fn = getattr(BACKBONES.get(backbone["name"]), "upstream", None)
+    return dict(fn(cfg, backbone) or {}) if callable(fn) else {}
+
+
+def backbone_overrides(backbone: dict[str, Any], inputs: dict[str, Any]) -> dict[str, Any]:
+    """Constructor overrides from the outputs of the stages the backbone declared."""
+    out: dict[str, Any] = {}
+    for role in getattr(BACKBONES.get(backbone["name"]), "input_roles", ()):
+        if role in inputs:
+            out.update(inputs[role])
+    return out
+
+
 def preflight(cfg: dict[str, Any] | None, what: str) -> None:
     """Fail before any stage runs when a backbone's or text tower's weights cannot be had:
     a named checkpoint file that does not exist, or hub weights that are neither in the local

@@ -6,8 +6,6 @@ by the text prior is in :mod:`backbones.text` and shares :func:`create_clip`.
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from backbones.base import (BACKBONES, FeatureBackbone, MissingWeightsError, check_file, hub_offline,
@@ -50,7 +48,7 @@ def create_clip(model: str, pretrained: str | None, image_size: int | None = Non
 @BACKBONES.register("open_clip")
 class CLIPImageBackbone(FeatureBackbone):
     def __init__(self, model: str = "ViT-B-16", pretrained: str | None = "openai",
-                 input_size: int | None = None, **_: Any) -> None:
+                 input_size: int | None = None) -> None:
         net, source = create_clip(model, pretrained, int(input_size) if input_size else None)
         visual = net.visual
         if not hasattr(visual, "output_tokens"):

@@ -8,8 +8,6 @@ where the hub is reachable). ``layer`` picks how deep the features come from: th
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from backbones.base import BACKBONES, FeatureBackbone, check_file
@@ -19,7 +17,7 @@ from benchmark.metrics.mobilenet import IMAGENET_MEAN, IMAGENET_STD, MOBILENET_P
 @BACKBONES.register("mobilenet_v2")
 class MobileNetV2Backbone(FeatureBackbone):
     def __init__(self, pretrained: bool = True, checkpoint: str | None = None, layer: int = 14,
-                 input_size: int = 128, **_: Any) -> None:
+                 input_size: int = 128) -> None:
         from torchvision.models import mobilenet_v2
 
         super().__init__(input_size, IMAGENET_MEAN, IMAGENET_STD)

@@ -111,8 +111,27 @@ MAE_MEAN, MAE_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 class OfflineMAEBackbone(FeatureBackbone):
     """The trained MAE's encoder; ``checkpoint`` is the ssl_backbone stage's ``backbone.pt``."""
 
+    # The roles of the stages this backbone needs; their outputs are constructor overrides
+    # (the ssl_backbone stage's: {"checkpoint": <its backbone.pt>}).
+    input_roles = ("ssl_backbone",)
+
+    @classmethod
+    def upstream(cls, cfg: dict[str, Any], backbone: dict[str, Any]) -> dict[str, Any]:
+        """The suite trains this backbone itself: the ``ssl_backbone`` stage, keyed by the
+        dataset and the backbone's architecture and training settings (so every cell and seed
+        that uses the same backbone shares one trained model, as they would a downloaded one)."""
+        from benchmark.upstream import Need, data_slice
+        params = {"data": data_slice(cfg), "backbone": {k: v for k, v in backbone.items() if k != "checkpoint"}}
+        return {"ssl_backbone": Need("ssl_backbone", params)}
+
+    @classmethod
+    def preflight(cls, cfg: dict[str, Any], what: str) -> None:
+        """Nothing to check before the run: the ssl_backbone stage makes its weights."""
+
     def __init__(self, checkpoint: str | None = None, pretrained: bool = True, img_size: int = 32,
-                 arch: dict[str, Any] | None = None, train: dict[str, Any] | None = None, **_: Any) -> None:
+                 arch: dict[str, Any] | None = None, train: dict[str, Any] | None = None) -> None:
+        # train: the ssl_backbone stage's settings (it reads them); taken here because
+        # build_backbone passes the whole backbone section.
         super().__init__(img_size, MAE_MEAN, MAE_STD)
         self.mae = MAE(img_size=img_size, **(arch or {}))
         if checkpoint:

@@ -17,7 +17,7 @@ TEXT_ENCODERS: Registry = Registry("text_encoder")
 
 @TEXT_ENCODERS.register("open_clip")
 class CLIPText:
-    def __init__(self, model: str = "ViT-B-16", pretrained: str | None = "openai", **_: Any) -> None:
+    def __init__(self, model: str = "ViT-B-16", pretrained: str | None = "openai") -> None:
         import open_clip
         self.net, self.weights_source = create_clip(model, pretrained)
         self.tokenizer = open_clip.get_tokenizer(model)

@@ -23,7 +23,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 class TimmBackbone(FeatureBackbone):
     def __init__(self, model: str, pretrained: bool = True, checkpoint: str | None = None,
                  input_size: int | None = None, patch_size: int | None = None,
-                 model_args: dict[str, Any] | None = None, **_: Any) -> None:
+                 model_args: dict[str, Any] | None = None) -> None:
         import timm
 
         kwargs: dict[str, Any] = dict(model_args or {})

@@ -9,10 +9,10 @@ user always wins; a group chosen on the command line (``prior=gmm``) replaces th
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
@@ -77,12 +77,13 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
 
     Comma sweeps on the command line multiply the grid: every combination of swept values is
     applied to every cell of the grid preset (with or without hydra's ``--multirun``)."""
-    combos = expand_sweeps(list(overrides or []))
+    hydra_overrides, optional = split_optional(list(overrides or []))
+    combos = expand_sweeps(hydra_overrides)
     base_dict: dict[str, Any] | None = None
     cells: list[Cell] = []
     seen: set[str] = set()
     for combo in combos:
-        base, combo_cells = _cells_for(combo)
+        base, combo_cells = _cells_for(combo, optional)
         if base_dict is None:
             base_dict = base
         elif _run_settings(base) != _run_settings(base_dict):
@@ -102,10 +103,40 @@ def _run_settings(base: dict[str, Any]) -> tuple:
     return base.get("run_root"), stable_hash(base.get("launcher")), stable_hash(base.get("grid"))
 
 
-def _cells_for(overrides: list[str]) -> tuple[dict[str, Any], list[Cell]]:
+def split_optional(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any]]]:
+    """``?key=value`` sets ``key`` only in the cells whose config has it: one command line can
+    size a sweep whose cells use different plug-ins (``?prior.n_images=2048`` changes the feature
+    priors' banks and leaves N(0, I) alone, where the key does not exist and would be an error).
+    The value is parsed as YAML (numbers, lists, ``{a: 1}`` mappings); a plain override of the
+    same key wins. Returns (hydra overrides, [(key, value)])."""
+    plain, optional = [], []
+    for o in overrides:
+        if not o.startswith("?"):
+            plain.append(o)
+            continue
+        key, sep, value = o[1:].partition("=")
+        if not sep or not key:
+            raise ValueError(f"{o!r}: an optional override is ?key=value")
+        optional.append((key, yaml.safe_load(value)))
+    return plain, optional
+
+
+_ABSENT = object()
+
+
+def _apply_optional(cfg: DictConfig, optional: list[tuple[str, Any]]) -> None:
+    for key, value in optional:
+        if OmegaConf.select(cfg, key, default=_ABSENT) is not _ABSENT:
+            OmegaConf.update(cfg, key, value, merge=False)
+
+
+def _cells_for(overrides: list[str], optional: list[tuple[str, Any]] = ()) -> tuple[dict[str, Any], list[Cell]]:
     base = _compose(overrides)
     grid = OmegaConf.to_container(base.grid, resolve=True)
-    user_keys = {_key(o) for o in overrides}
+    plain_keys = {_key(o) for o in overrides}
+    # A key the command line sets outright wins over an optional setting of it.
+    optional = [(k, v) for k, v in optional if k not in plain_keys]
+    user_keys = plain_keys | {k for k, _ in optional}
     # A group the user picks (prior=gmm) replaces the cell's, and with it the cell's settings of
     # that group's keys (prior.n_images=..., loss.weight=...), which were meant for the cell's choice.
     user_groups = {k for k in user_keys if "." not in k}
@@ -114,6 +145,7 @@ def _cells_for(overrides: list[str]) -> tuple[dict[str, Any], list[Cell]]:
         kept = [o for o in cell_overrides if _key(o) not in user_keys
                 and _key(o).split(".", 1)[0] not in user_groups]
         cfg_dc = _compose(kept + overrides)
+        _apply_optional(cfg_dc, list(optional))
         for seed in grid.get("seeds", [0]):
             cfg = OmegaConf.to_container(cfg_dc, resolve=True)
             cfg["seed"] = int(seed)
@@ -122,60 +154,55 @@ def _cells_for(overrides: list[str]) -> tuple[dict[str, Any], list[Cell]]:
 
 
 def validate(base: dict[str, Any], cells: list[Cell]) -> None:
-    """Reject a bad grid before any stage runs: unknown names and impossible shapes."""
+    """Reject a bad grid before any stage runs: unknown names, unknown keys, bad values and
+    impossible shapes. Each plug-in checks its own section (a ``validate`` class method; the
+    loss's is MatchingLoss.validate unless it adds to it) and declares its upstream stages, which
+    are resolved here too, so nothing in this function names a prior or a loss."""
     import_plugins(base.get("plugins", []))
+    from benchmark.dag import latent_shape
+    from benchmark.metrics import DETECTORS
+    from benchmark.plugin_keys import check_cell_keys
+    from benchmark.upstream import STAGES, Need, declared
+    from generators import GENERATORS
     from priors import LOSSES, PRIORS
     from tokenizers import DECODERS, ENCODERS
-    from generators import GENERATORS
 
     for cell in cells:
         c = cell.cfg
         import_plugins(c.get("plugins", []))
-        PRIORS.get(c["prior"]["name"])
-        _preflight_prior(c["prior"])
-        LOSSES.get(c["loss"]["name"])
-        weight = c["loss"].get("weight", 0.0)
-        if not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            # The loss classes check this too, but only when the tokenizer stage builds them,
-            # after the reference and teacher stages have run.
-            raise ValueError(f"cell {cell.label}: loss.weight (lambda) must be a finite number >= 0, got {weight!r}")
-        ENCODERS.get(c["tokenizer"]["encoder"]["name"])
-        DECODERS.get(c["tokenizer"]["decoder"]["name"])
-        for name in (c["generator"]["model"],) + ((c["loss"].get("score_net"),) if c["loss"]["name"] == "dm" else ()):
-            if name not in GENERATORS:
-                raise RegistryError(f"unknown generator {name!r}. Known generators: {', '.join(sorted(GENERATORS))}")
-        tok = c["tokenizer"]
-        res = c["dataset"]["resolution"]
-        if tok["encoder"]["name"] == "conv":
-            down = 2 ** (len(tok["encoder"].get("mult", [1])) - 1)
-            if res % down:
-                raise ValueError(f"cell {cell.label}: image size {res} is not divisible by the encoder's "
-                                 f"downsampling factor {down} (tokenizer.encoder.mult={tok['encoder'].get('mult')})")
-        from benchmark.dag import latent_shape
-        side = latent_shape(c)[1]
-        patch = int(c["generator"].get("model_args", {}).get("patch_size", 1))
-        if side % patch:
-            raise ValueError(f"cell {cell.label}: latent grid {side}x{side} is not divisible by the "
-                             f"generator patch size {patch}")
-        ev = c["eval"]
-        from benchmark.metrics import DETECTORS
-        for det in [ev["detector"], *ev.get("extra_detectors", [])]:
-            if det not in DETECTORS:
-                raise RegistryError(f"unknown detector {det!r}. Known detectors: {', '.join(sorted(DETECTORS))}")
-        if ev["n_samples"] < 2 or ev["n_ref"] < 2:
-            raise ValueError("eval.n_samples and eval.n_ref must be at least 2 for a covariance")
-        if c["loss"]["name"] == "dm" and c["loss"].get("teacher") not in ("auto", "exact", "trained"):
-            raise ValueError(f"loss.teacher must be auto, exact or trained; got {c['loss'].get('teacher')!r}")
-
-
-def _preflight_prior(prior: dict[str, Any]) -> None:
-    """Missing backbone or text-tower weights fail here, before any stage runs."""
-    from backbones import BACKBONES, preflight
-    from benchmark.dag import _bank_cfg
-    bank = _bank_cfg(prior)
-    bb = bank.get("backbone")
-    if isinstance(bb, dict) and "name" in bb:  # (test overrides may add size keys to any prior)
-        BACKBONES.get(bb["name"])
-        if bb.get("name") != "offline-mae":  # its checkpoint is made by the ssl_backbone stage
-            preflight(bb, "prior.backbone")
-    preflight(prior.get("text_encoder"), "prior.text_encoder")
+        try:
+            check_cell_keys(c)  # every plug-in section holds only keys its plug-in takes
+            prior_cls, loss_cls = PRIORS.get(c["prior"]["name"]), LOSSES.get(c["loss"]["name"])
+            for plugin in (prior_cls, loss_cls):
+                check = getattr(plugin, "validate", None)
+                if callable(check):
+                    check(c)
+                for role, need in declared(plugin, c).items():  # unknown stage kinds, bad needs
+                    if isinstance(need, Need):
+                        STAGES.get(need.stage)
+            tok, res = c["tokenizer"], int(c["dataset"]["resolution"])
+            enc_cls, dec_cls = ENCODERS.get(tok["encoder"]["name"]), DECODERS.get(tok["decoder"]["name"])
+            if callable(getattr(enc_cls, "validate", None)):
+                enc_cls.validate(tok["encoder"], res)
+            side = latent_shape(c)[1]
+            up = getattr(dec_cls, "upsampling", None)
+            if callable(up) and side * up(tok["decoder"]) != res:
+                raise ValueError(f"the tokenizer's {side}x{side} latent grid decodes to {side * up(tok['decoder'])} px, "
+                                 f"but dataset {c['dataset']['name']} is {res} px: tokenizer={tok.get('preset')} does "
+                                 f"not fit this dataset (pick a tokenizer preset for {res} px, or a dataset at the "
+                                 f"preset's resolution)")
+            if c["generator"]["model"] not in GENERATORS:
+                raise RegistryError(f"unknown generator {c['generator']['model']!r}. "
+                                    f"Known generators: {', '.join(sorted(GENERATORS))}")
+            patch = int(c["generator"].get("model_args", {}).get("patch_size", 1))
+            if side % patch:
+                raise ValueError(f"latent grid {side}x{side} is not divisible by the generator patch size {patch}")
+            ev = c["eval"]
+            for det in [ev["detector"], *ev.get("extra_detectors", [])]:
+                if det not in DETECTORS:
+                    raise RegistryError(f"unknown detector {det!r}. Known detectors: {', '.join(sorted(DETECTORS))}")
+            if ev["n_samples"] < 2 or ev["n_ref"] < 2:
+                raise ValueError("eval.n_samples and eval.n_ref must be at least 2 for a covariance")
+        except (ValueError, LookupError) as exc:
+            # Name the cell: in a sweep the same preset may be fine in one cell and not another.
+            raise type(exc)(f"cell {cell.label}: {exc}") from exc

@@ -2,7 +2,8 @@
 
 A node's key is ``<stage>-<hash>`` of the config slice that stage reads plus its inputs' keys,
 so two cells that share a prior share its ``reference`` (and ``teacher``) node, every cell
-shares ``fid_ref``, and changing any upstream setting gives new directories downstream.
+shares ``fid_ref``, and changing any upstream setting gives new directories downstream. Stage
+versions live with the stage kinds (benchmark/stages/__init__.py, benchmark.upstream.STAGES).
 """
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmark.config import Cell
+import benchmark.stages
 from benchmark.store import stable_hash
+from benchmark.upstream import PIPELINE, STAGES, Need, StageOf, data_slice, declared
 
-# Bump when a stage's outputs change meaning, so old run directories are not reused.
-# teacher 2: its network is seeded before it is built (version 1 started from whatever state the
-# worker process's RNG was in, so its runs are not reproducible and must not be reused).
-STAGE_VERSION = {"fid_ref": 1, "ssl_backbone": 1, "reference": 2, "teacher": 2, "tokenizer": 1, "recon_eval": 1,
-                 "generator": 2, "gen_eval": 1}
-STAGES = tuple(STAGE_VERSION)
+# Importing benchmark.stages registers the built-in stage kinds; plug-ins add theirs.
+BUILTIN_STAGES = benchmark.stages.ORDER
 
 
 @dataclass
@@ -30,6 +28,7 @@ class Node:
     cfg: dict[str, Any]             # the full resolved config of the first cell that needs it
     run_root: Path
     cells: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)  # the slice as declared (with intervals, docs)
 
     @property
     def dir(self) -> Path:
@@ -48,36 +47,6 @@ def latent_shape(cfg: dict[str, Any]) -> tuple[int, int, int]:
     tok = cfg["tokenizer"]
     side = latent_side(tok, int(cfg["dataset"]["resolution"]))
     return (int(tok["latent_channels"]), side, side)
-
-
-def _data_slice(cfg: dict[str, Any]) -> dict[str, Any]:
-    d = cfg["dataset"]
-    return {"name": d["name"], "resolution": d["resolution"]}
-
-
-def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
-    if cfg["loss"]["name"] != "dm":
-        return False
-    mode = cfg["loss"].get("teacher", "auto")
-    if mode == "trained":
-        return True
-    from priors import PRIORS, has_exact_velocity
-    has_exact = has_exact_velocity(PRIORS.get(cfg["prior"]["name"]))
-    if mode == "exact" and not has_exact:
-        raise ValueError(f"loss.teacher=exact but prior {cfg['prior']['name']!r} has no closed-form score; "
-                         f"use loss.teacher=trained or auto")
-    return not has_exact
-
-
-def _bank_cfg(prior: dict[str, Any]) -> dict[str, Any]:
-    """The prior that does the fitting: the prior itself, or a subset prior's base."""
-    return prior.get("base") or prior if prior.get("name") == "subset" else prior
-
-
-def ssl_backbone_cfg(prior: dict[str, Any]) -> dict[str, Any] | None:
-    """The backbone config when the suite must train it first (offline-mae), else None."""
-    bb = _bank_cfg(prior).get("backbone")
-    return bb if isinstance(bb, dict) and bb.get("name") == "offline-mae" else None
 
 
 # Documentation-only keys: editing a preset's prose must not invalidate finished runs.
@@ -103,59 +72,79 @@ def _strip_docs(obj: Any, parent: str | None = None) -> Any:
 
 
 class DagBuilder:
+    """Nodes of the pipeline every cell runs, plus the upstream stages its prior and matching
+    loss declare (``upstream(cfg)``, benchmark/upstream.py). Nothing here names a prior or a
+    loss: difftraj's kl tokenizer, the offline MAE's training stage and the dm teacher come in
+    through that one mechanism, as a third-party plug-in's stage would."""
+
     def __init__(self, run_root: Path) -> None:
         self.run_root = Path(run_root)
         self.nodes: dict[str, Node] = {}
 
-    def _node(self, stage: str, cfg: dict, slc: dict, deps: dict[str, Node], cell: Cell) -> Node:
-        slc = _strip_docs(slc)
-        key_src = {"v": STAGE_VERSION[stage], "slice": slc, "deps": {r: n.key for r, n in deps.items()}}
+    def _node(self, stage: str, cfg: dict, params: dict, deps: dict[str, Node], cell: Any) -> Node:
+        slc = _strip_docs(params)
+        key_src = {"v": STAGES.get(stage).version, "slice": slc, "deps": {r: n.key for r, n in deps.items()}}
         key = f"{stage}-{stable_hash(key_src)}"
         node = self.nodes.get(key)
         if node is None:
-            node = self.nodes[key] = Node(stage, key, slc, deps, cfg, self.run_root)
+            node = self.nodes[key] = Node(stage, key, slc, deps, cfg, self.run_root, params=params)
         if cell.label not in node.cells:
             node.cells.append(cell.label)
         return node
 
-    def _tokenizer_chain(self, c: dict, cell: Cell) -> dict[str, Node]:
-        """ssl_backbone (when needed) -> reference -> teacher (when needed) -> tokenizer."""
+    def _needs(self, needs: dict[str, Need | StageOf], c: dict, cell: Any, own: dict[str, Node],
+               who: str) -> dict[str, Node]:
+        """Nodes for a plug-in's declared needs: its own stages (keyed by their params and the
+        pipeline nodes they run after) and stages of other cells' pipelines."""
+        out: dict[str, Node] = {}
+        for role, need in needs.items():
+            if role in PIPELINE:
+                raise ValueError(f"{who}: upstream role {role!r} is a pipeline stage's name; choose another")
+            if isinstance(need, StageOf):
+                if need.stage not in ("reference", "tokenizer"):
+                    raise ValueError(f"{who}: StageOf({need.stage!r}): only a cell's reference or tokenizer "
+                                     f"can be shared this way")
+                out[role] = self._tokenizer_chain(need.cfg, cell)[need.stage]
+                continue
+            STAGES.get(need.stage)  # an unknown stage kind lists the known ones
+            if need.stage in PIPELINE:
+                raise ValueError(f"{who}: Need({need.stage!r}) would add a second {need.stage} to the cell; "
+                                 f"use StageOf({need.stage!r}, <cell config>) for another cell's")
+            missing = [r for r in need.after if r not in own]
+            if missing:
+                raise ValueError(f"{who}: stage {need.stage!r} runs after {missing}, which are not "
+                                 f"available at this point (available: {sorted(own)})")
+            out[role] = self._node(need.stage, c, need.params, {r: own[r] for r in need.after}, cell)
+        return out
+
+    def _tokenizer_chain(self, c: dict, cell: Any) -> dict[str, Node]:
+        """[prior's upstream ->] reference -> [loss's upstream ->] tokenizer."""
+        from priors import LOSSES, PRIORS
         out: dict[str, Node] = {}
         shape = latent_shape(c)
-        ref_deps: dict[str, Node] = {}
-        if (bb := ssl_backbone_cfg(c["prior"])) is not None:
-            out["ssl_backbone"] = self._node("ssl_backbone", c, {"data": _data_slice(c), "backbone": {
-                k: v for k, v in bb.items() if k != "checkpoint"}}, {}, cell)
-            ref_deps["ssl_backbone"] = out["ssl_backbone"]
-        bank = _bank_cfg(c["prior"])
-        if bank.get("name") == "difftraj":
-            # The plain tokenizer whose noisy latents are the reference: same presets and seed,
-            # the base loss (kl) and prior; shared with the sweep's kl cell when it has one.
-            base = {**c, "prior": bank["base_prior"], "loss": bank["base_loss"]}
-            ref_deps["base_tokenizer"] = self._tokenizer_chain(base, cell)["tokenizer"]
-        out["reference"] = self._node("reference", c, {"data": _data_slice(c), "prior": c["prior"],
+        prior_needs = declared(PRIORS.get(c["prior"]["name"]), c)
+        ref_deps = self._needs(prior_needs, c, cell, out, f"prior {c['prior']['name']!r}")
+        # The cell's own upstream stages appear in its stage map under their stage name (tables
+        # time them, status lists them); another cell's pipeline stage (StageOf) belongs to that cell.
+        out.update({n.stage: n for r, n in ref_deps.items() if isinstance(prior_needs[r], Need)})
+        out["reference"] = self._node("reference", c, {"data": data_slice(c), "prior": c["prior"],
                                                        "latent_shape": shape}, ref_deps, cell)
-        tok_deps = {"reference": out["reference"]}
-        if needs_trained_teacher(c):
-            loss = c["loss"]
-            t_slice = {k: loss[k] for k in ("score_net", "score_net_args", "teacher_steps",
-                                            "teacher_batch_size", "teacher_lr")}
-            t_slice["num_classes"] = c["dataset"]["num_classes"]
-            out["teacher"] = self._node("teacher", c, {**t_slice, "seed": cell.seed},
-                                        {"reference": out["reference"]}, cell)
-            tok_deps["teacher"] = out["teacher"]
-        out["tokenizer"] = self._node("tokenizer", c, {"data": _data_slice(c), "tokenizer": c["tokenizer"],
+        loss_needs = declared(LOSSES.get(c["loss"]["name"]), c)
+        tok_deps = {"reference": out["reference"],
+                    **self._needs(loss_needs, c, cell, out, f"loss {c['loss']['name']!r}")}
+        out.update({tok_deps[r].stage: tok_deps[r] for r, need in loss_needs.items() if isinstance(need, Need)})
+        out["tokenizer"] = self._node("tokenizer", c, {"data": data_slice(c), "tokenizer": c["tokenizer"],
                                                        "prior": c["prior"], "loss": c["loss"],
                                                        "seed": cell.seed}, tok_deps, cell)
         return out
 
-    def add_cell(self, cell: Cell) -> dict[str, Node]:
+    def add_cell(self, cell: Any) -> dict[str, Node]:
         c = cell.cfg
         ev = c["eval"]
         detector = {"detector": ev["detector"], "extra_detectors": ev.get("extra_detectors", []),
                     "precision": ev["precision"]}
         out: dict[str, Node] = {}
-        out["fid_ref"] = self._node("fid_ref", c, {"data": _data_slice(c), "split": "test",
+        out["fid_ref"] = self._node("fid_ref", c, {"data": data_slice(c), "split": "test",
                                                    "n": ev["n_ref"], **detector}, {}, cell)
         out.update(self._tokenizer_chain(c, cell))
         out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector},
@@ -173,7 +162,7 @@ class DagBuilder:
         return out
 
 
-def build(cells: list[Cell], run_root: Path) -> tuple[list[Node], list[dict[str, Node]]]:
+def build(cells: list[Any], run_root: Path) -> tuple[list[Node], list[dict[str, Node]]]:
     """All unique nodes in a valid execution order, and each cell's stage -> node map."""
     b = DagBuilder(run_root)
     per_cell = [b.add_cell(cell) for cell in cells]

@@ -26,7 +26,9 @@ from typing import Any
 import submitit
 import yaml
 
-from benchmark.dag import STAGES, Node
+from benchmark.dag import Node
+from benchmark.stages import stage_names
+from benchmark.upstream import STAGES
 from benchmark.store import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,13 @@ log = logging.getLogger(__name__)
 RESOURCES = ("partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task", "mem_gb",
              "timeout_min", "nodes", "tasks_per_node")
 OTHER_KEYS = ("name", "profile", "signal_delay_s", "max_requeues", "stages")
-JOB_STAGES = STAGES + ("aggregate",)
+
+
+def job_stages() -> tuple[str, ...]:
+    """Every stage kind (plug-ins' included) plus the final tables job."""
+    return stage_names() + ("aggregate",)
+
+
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "slurm" / "profiles"
 JOBS_FILE = "slurm_jobs.json"
 # States in which a job will still run (or is running): a rerun reuses such a job.
@@ -96,12 +104,12 @@ def validate(cfg: dict) -> None:
     if unknown:
         raise ValueError(f"unknown launcher key(s) {sorted(unknown)}; known: {', '.join(RESOURCES + OTHER_KEYS)}")
     for stage, res in (cfg.get("stages") or {}).items():
-        if stage not in JOB_STAGES:
-            raise ValueError(f"launcher.stages.{stage}: unknown stage; stages: {', '.join(JOB_STAGES)}")
+        if stage not in job_stages():
+            raise ValueError(f"launcher.stages.{stage}: unknown stage; stages: {', '.join(job_stages())}")
         bad = set(res or {}) - set(RESOURCES)
         if bad:
             raise ValueError(f"launcher.stages.{stage}: unknown key(s) {sorted(bad)}; known: {', '.join(RESOURCES)}")
-    for stage in JOB_STAGES:
+    for stage in job_stages():
         r = stage_resources(cfg, stage)
         for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node"):
             v = r[k]
@@ -109,8 +117,7 @@ def validate(cfg: dict) -> None:
                 raise ValueError(f"launcher {k} for stage {stage} must be a number >= "
                                  f"{0 if k == 'gpus_per_node' else 1}; got {v!r}")
         if r["nodes"] * r["tasks_per_node"] > 1:
-            distributed = stage != "aggregate" and getattr(import_module(f"benchmark.stages.{stage}"),
-                                                           "SUPPORTS_DISTRIBUTED", False)
+            distributed = stage != "aggregate" and STAGES.get(stage).distributed
             if not distributed:
                 raise ValueError(f"stage {stage!r} runs in one process only, but its launcher config asks for "
                                  f"nodes={r['nodes']} x tasks_per_node={r['tasks_per_node']}; only the "

@@ -22,7 +22,8 @@ from pathlib import Path
 from benchmark import config, dag, distributed
 from benchmark.dag import Node
 from benchmark.launch import run_node, write_failure
-from benchmark.stages import runner
+from benchmark.stages import runner, stage_names
+from benchmark.upstream import STAGES
 
 log = logging.getLogger("benchmark.run_stage")
 
@@ -42,8 +43,7 @@ def select_node(overrides: list[str], stage: str) -> Node:
 
 def run_one(node: Node, info: distributed.DistInfo) -> dict | None:
     """Run `node` on this rank; rank 0 goes through run_node, which writes config and record."""
-    if info.distributed and not getattr(import_module(f"benchmark.stages.{node.stage}"),
-                                        "SUPPORTS_DISTRIBUTED", False):
+    if info.distributed and not STAGES.get(node.stage).distributed:
         raise ValueError(f"stage {node.stage!r} runs in one process only; launch it without torchrun/srun "
                          f"tasks (data-parallel stages: tokenizer, generator)")
     if info.is_main:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmark.logs import setup_logging
     setup_logging()
     p = argparse.ArgumentParser(prog="python -m benchmark.run_stage", description=__doc__.split("\n\n")[0])
-    p.add_argument("--stage", required=True, choices=dag.STAGES)
+    p.add_argument("--stage", required=True, help=f"one of: {', '.join(stage_names())}")
     p.add_argument("overrides", nargs="*", help="hydra overrides, as for benchmark.grid")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from benchmark.dag import STAGES
+from benchmark.stages import stage_names
 from benchmark.launch_slurm import is_active, job_states, load_jobs
 from benchmark.store import read_json
 
@@ -42,7 +42,7 @@ def _node_state(d: Path, job: dict | None, slurm: str | None) -> dict:
 
 def _in_order(stage_keys: dict[str, str]) -> list[str]:
     """A cell's node keys in dependency order (cells.json stores them sorted by name)."""
-    return [stage_keys[s] for s in STAGES if s in stage_keys]
+    return [stage_keys[s] for s in stage_names() if s in stage_keys]
 
 
 def collect(sweep_dir: Path) -> dict:

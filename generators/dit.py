@@ -360,45 +360,25 @@ def register_generator(name: str) -> Callable[[Callable[..., FlowDiT]], Callable
     return wrap
 
 
-def _sized(input_size: int, in_channels: int, num_classes: int, size: dict, overrides: dict) -> FlowDiT:
-    return FlowDiT(input_size, in_channels, num_classes, **{**size, **overrides})
+def _sized(**size: int) -> Callable[..., FlowDiT]:
+    """FlowDiT with a size preset as defaults. A partial rather than a function taking
+    ``**overrides``: its signature is FlowDiT's with these defaults, so the config keys a
+    generator accepts (``generator.model_args``) can be read from it (benchmark/typed.py)."""
+    return functools.partial(FlowDiT, **size)
 
 
-@register_generator("Tiny")
-def FlowDiT_Tiny(input_size: int, in_channels: int, num_classes: int, **overrides) -> FlowDiT:
-    # Our size for CPU smoke runs and the cheap tokenizer-ranking proxy: ~1.5M parameters,
-    # head_dim 32 (RoPE needs a multiple of 4); trains in minutes on 2 CPU cores.
-    size = dict(hidden_size=128, depth=4, num_heads=4)
-    return _sized(input_size, in_channels, num_classes, size, overrides)
-
-
-@register_generator("S")
-def FlowDiT_S(input_size: int, in_channels: int, num_classes: int, **overrides) -> FlowDiT:
-    # DiT-S: depth 12, width 384, 6 heads (DiT Table 1).
-    size = dict(hidden_size=384, depth=12, num_heads=6)
-    return _sized(input_size, in_channels, num_classes, size, overrides)
-
-
-@register_generator("B")
-def FlowDiT_B(input_size: int, in_channels: int, num_classes: int, **overrides) -> FlowDiT:
-    # DiT-B: depth 12, width 768, 12 heads (DiT Table 1).
-    size = dict(hidden_size=768, depth=12, num_heads=12)
-    return _sized(input_size, in_channels, num_classes, size, overrides)
-
-
-@register_generator("L")
-def FlowDiT_L(input_size: int, in_channels: int, num_classes: int, **overrides) -> FlowDiT:
-    # DiT-L: depth 24, width 1024, 16 heads (DiT Table 1).
-    size = dict(hidden_size=1024, depth=24, num_heads=16)
-    return _sized(input_size, in_channels, num_classes, size, overrides)
-
-
-@register_generator("XL")
-def FlowDiT_XL(input_size: int, in_channels: int, num_classes: int, **overrides) -> FlowDiT:
-    # DiT-XL / LightningDiT-XL: depth 28, width 1152, 16 heads; ~675M parameters. DMVAE uses it
-    # with patch_size=1 on 16x16x32 latents (pass patch_size=1 as an override).
-    size = dict(hidden_size=1152, depth=28, num_heads=16)
-    return _sized(input_size, in_channels, num_classes, size, overrides)
+# Our size for CPU smoke runs and the cheap tokenizer-ranking proxy: ~1.5M parameters,
+# head_dim 32 (RoPE needs a multiple of 4); trains in minutes on 2 CPU cores.
+FlowDiT_Tiny = register_generator("Tiny")(_sized(hidden_size=128, depth=4, num_heads=4))
+# DiT-S: depth 12, width 384, 6 heads (DiT Table 1).
+FlowDiT_S = register_generator("S")(_sized(hidden_size=384, depth=12, num_heads=6))
+# DiT-B: depth 12, width 768, 12 heads (DiT Table 1).
+FlowDiT_B = register_generator("B")(_sized(hidden_size=768, depth=12, num_heads=12))
+# DiT-L: depth 24, width 1024, 16 heads (DiT Table 1).
+FlowDiT_L = register_generator("L")(_sized(hidden_size=1024, depth=24, num_heads=16))
+# DiT-XL / LightningDiT-XL: depth 28, width 1152, 16 heads; ~675M parameters. DMVAE uses it
+# with patch_size=1 on 16x16x32 latents (pass patch_size=1 as an override).
+FlowDiT_XL = register_generator("XL")(_sized(hidden_size=1152, depth=28, num_heads=16))
 
 
 def build_generator(

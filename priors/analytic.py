@@ -25,8 +25,9 @@ class GaussianPrior:
     """Standard normal over the whole latent tensor."""
     class_conditional = False
 
-    def __init__(self, latent_shape: tuple[int, int, int], **_: Any) -> None:
-        self.name = "gaussian"
+    def __init__(self, latent_shape: tuple[int, int, int], seed: int = 0, label: str | None = None) -> None:
+        # seed: N(0, I) draws nothing when built; taken so that every prior accepts `prior.seed`.
+        self.name = label or "gaussian"
         self.latent_shape = tuple(latent_shape)
 
     def fit(self, ctx: FitContext) -> None:
@@ -60,12 +61,12 @@ class GMMPrior:
     class_conditional = False
 
     def __init__(self, latent_shape: tuple[int, int, int], num_components: int = 10,
-                 component_std: float = 0.5, seed: int = 0, **_: Any) -> None:
+                 component_std: float = 0.5, seed: int = 0, label: str | None = None) -> None:
         if not 0 < component_std < 1:
             raise ValueError(f"gmm component_std must be in (0, 1), got {component_std}")
         if num_components < 1:
             raise ValueError(f"gmm num_components must be >= 1, got {num_components}")
-        self.name = "gmm"
+        self.name = label or "gmm"
         self.latent_shape = tuple(latent_shape)
         self.k = int(num_components)
         self.s = float(component_std)

@@ -114,6 +114,13 @@ def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 2
     return torch.cat(out)
 
 
+# The frozen-backbone stage's settings and their defaults; also the keys `prior.stage1` may hold
+# (benchmark/plugin_keys.py refuses others).
+STAGE1_DEFAULTS: dict[str, Any] = {
+    "iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0, "checkpoint_every": 100,
+    "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1}}
+
+
 @PRIORS.register("features")
 class FeaturePrior(BankPrior):
     """Features of a frozen backbone (``backbone: {name: ...}``, see backbones.BACKBONES)."""
@@ -121,7 +128,7 @@ class FeaturePrior(BankPrior):
     def __init__(self, latent_shape: Sequence[int], backbone: dict[str, Any] | None = None,
                  n_images: int = 8192, stage1: dict[str, Any] | None = None,
                  classes: Sequence[int] | None = None, seed: int = 0, label: str | None = None,
-                 precision: str = "fp32", **_: Any) -> None:
+                 precision: str = "fp32") -> None:
         super().__init__(latent_shape, classes)
         if not backbone or "name" not in backbone:
             raise ValueError("features prior needs backbone: {name: ...}; known backbones: "
@@ -129,16 +136,30 @@ class FeaturePrior(BankPrior):
         self.name = label or f"features[{backbone['name']}]"
         self.backbone_cfg = dict(backbone)
         self.n_images, self.seed = int(n_images), int(seed)
-        self.stage1 = {"iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0, "checkpoint_every": 100,
-                       "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1},
-                       **(stage1 or {})}
+        self.stage1 = {**STAGE1_DEFAULTS, **(stage1 or {})}
         if precision not in ("fp32", "bf16"):
             raise ValueError(f"features prior precision must be fp32 or bf16, got {precision!r}")
         self.precision = precision
 
+    @classmethod
+    def upstream(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """What the backbone needs first (the offline MAE: its training stage)."""
+        from backbones import backbone_upstream
+        return backbone_upstream(cfg, cfg["prior"].get("backbone"))
+
+    @classmethod
+    def validate(cls, cfg: dict[str, Any]) -> None:
+        """Missing backbone weights fail before any stage runs (with the download command)."""
+        from backbones import BACKBONES, preflight_backbone
+        bb = cfg["prior"].get("backbone")
+        if not isinstance(bb, dict) or "name" not in bb:
+            raise ValueError("prior.backbone: a feature prior needs backbone: {name: ...}; known backbones: "
+                             + ", ".join(BACKBONES.names()))
+        preflight_backbone(bb, "prior.backbone")
+
     def build_backbone(self, ctx: FitContext):
-        from backbones import build_backbone
-        return build_backbone(self.backbone_cfg, **ctx.extra.get("backbone_overrides", {}))
+        from backbones import backbone_overrides, build_backbone
+        return build_backbone(self.backbone_cfg, **backbone_overrides(self.backbone_cfg, ctx.inputs))
 
     def fit(self, ctx: FitContext) -> None:
         from benchmark.data import subset

@@ -35,7 +35,7 @@ class TextPrior(GMMPrior):
 
     def __init__(self, latent_shape: Sequence[int], text_encoder: dict[str, Any] | None = None,
                  class_names: Sequence[str] | None = None, templates: Sequence[str] = DEFAULT_TEMPLATES,
-                 component_std: float = 0.5, seed: int = 0, label: str | None = None, **_: Any) -> None:
+                 component_std: float = 0.5, seed: int = 0, label: str | None = None) -> None:
         super().__init__(latent_shape, num_components=1, component_std=component_std, seed=seed)
         self.name = label or "text"
         self.text_cfg = dict(text_encoder or {"name": "open_clip", "model": "ViT-B-16", "pretrained": "openai"})
@@ -44,6 +44,12 @@ class TextPrior(GMMPrior):
         self.seed = int(seed)
         self.comp_labels = torch.zeros(1, dtype=torch.long)
         self.info: dict[str, Any] = {}
+
+    @classmethod
+    def validate(cls, cfg: dict[str, Any]) -> None:
+        """The text tower's weights must be loadable before any stage runs."""
+        from backbones import preflight
+        preflight(cfg["prior"].get("text_encoder"), "prior.text_encoder")
 
     def fit(self, ctx: FitContext) -> None:
         from backbones.text import build_text_encoder

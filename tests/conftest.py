@@ -17,11 +17,15 @@ TINY = [
     "generator.checkpoint_every=4",
     "eval.n_ref=20", "eval.n_samples=20", "eval.batch_size=20", "eval.sampler.steps=4",
     "eval.kid_subset_size=20", "eval.extra_detectors=[mobilenet_v2-imagenet]",
-    "++loss.score_net_args.hidden_size=32", "++loss.score_net_args.depth=1", "++loss.score_net_args.num_heads=2",
     "++generator.model_args.hidden_size=32", "++generator.model_args.depth=1", "++generator.model_args.num_heads=2",
-    # feature priors (the default grid has two): a few steps of the MAE and of stage 1, small banks
-    "++prior.backbone.train.steps=4", "++prior.backbone.train.batch_size=16", "++prior.stage1.iters=3",
-    "++prior.stage1.batch_size=8", "++prior.n_images=64", "++loss.teacher_steps=6", "++loss.teacher_batch_size=16",
+    # Sizes of plug-ins only some cells have (`?key=value` sets a key only where it exists): the
+    # dm loss's score networks and teacher, feature priors' bank, stage 1 and offline MAE (also
+    # under `prior.base` for the subset prior).
+    "?loss.score_net_args={patch_size: 2, hidden_size: 32, depth: 1, num_heads: 2}",
+    "?loss.teacher_steps=6", "?loss.teacher_batch_size=16",
+    *[f"?{p}.{k}" for p in ("prior", "prior.base") for k in (
+        "backbone.train.steps=4", "backbone.train.batch_size=16", "stage1.iters=3", "stage1.batch_size=8",
+        "n_images=64")],
 ]
 
 

@@ -65,3 +65,18 @@ def test_sweeping_run_settings_or_intervals_is_rejected():
 def test_unknown_flag_is_an_error(caplog):
     assert grid.main(["--cgf", "job"]) == 2
     assert "unknown flag '--cgf'" in caplog.text
+
+
+def test_optional_overrides_set_a_key_only_where_it_exists():
+    """`?key=value` sizes a sweep of different plug-ins: the feature prior's bank changes, the
+    Gaussian prior (which has no bank, so `prior.n_images=...` would be refused) is left alone,
+    and a plain override of the same key wins."""
+    _, cells = config.load(["grid=default", "?prior.n_images=512", "?loss.teacher_steps=7"])
+    by_prior = {c.cfg["prior"]["name"] + "/" + c.cfg["loss"]["name"]: c.cfg for c in cells}
+    assert by_prior["features/dm"]["prior"]["n_images"] == 512  # the grid cell's 2048 replaced
+    assert "n_images" not in by_prior["gaussian/dm"]["prior"]
+    assert by_prior["gaussian/dm"]["loss"]["teacher_steps"] == 7 and "teacher_steps" not in by_prior["gaussian/kl"]["loss"]
+    _, (cell,) = config.load(["grid=single", "prior=offline-ssl", "?prior.n_images=512", "prior.n_images=256"])
+    assert cell.cfg["prior"]["n_images"] == 256
+    with pytest.raises(ValueError, match=r"\?key=value"):
+        config.load(["grid=single", "?prior.n_images"])

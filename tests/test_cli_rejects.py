@@ -22,6 +22,9 @@ BAD = [
     ("one-sample", ["eval.n_samples=1"], ["eval.n_samples and eval.n_ref must be at least 2"]),
     ("negative-lambda", ["loss.weight=-1"], ["loss.weight (lambda) must be a finite number >= 0", "-1"]),
     ("unknown-detector", ["eval.detector=dinov2"], ["unknown detector 'dinov2'", "inception-v3-compat"]),
+    ("misspelled-key", ["+loss.teacher_stepz=5"], ["`loss.teacher_stepz`", "did you mean `loss.teacher_steps`"]),
+    ("preset-does-not-fit-dataset", ["tokenizer=paper-in256", "generator=paper-in256"],
+     ["decodes to 256 px", "is 32 px", "tokenizer=paper-in256 does not fit"]),
 ]
 
 

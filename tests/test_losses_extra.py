@@ -208,8 +208,7 @@ def test_yaml_config_builds_the_loss(name):
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
     assert cfg.pop("name") == name and "weight" in cfg
     prior = FeaturePrior(torch.randn(4, 6, 4, 4)) if name == "align" else _gauss()
-    loss_fn = LOSSES.get(name)(**cfg, latent_shape=SHAPE, num_classes=3, prior=prior,
-                               unknown_key_from_a_newer_config=1)
+    loss_fn = LOSSES.get(name)(**cfg, latent_shape=SHAPE, num_classes=3, prior=prior)
     assert loss_fn.weight == cfg["weight"] and loss_fn.tokenizer_every == 1
     loss, _ = loss_fn(torch.randn(4, *SHAPE), _labels(4), 0)
     assert torch.isfinite(loss)

@@ -1,4 +1,5 @@
 """A prior from a separately installed package (entry point), and one named in `plugins=`."""
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,34 @@ def test_entry_point_plugin_runs_a_grid_cell(installed_plugin, tiny_overrides, t
     row = pd.read_csv(csv).iloc[0]
     assert row["prior"] == "laplace" and row["status"] == "done" and row["dm_teacher"] == "trained"
     assert list((tmp_path / "runs" / "stages" / "teacher").iterdir())
+
+
+@pytest.mark.slow
+def test_plugin_prior_with_a_stage_of_its_own(installed_plugin, tiny_overrides, tmp_path):
+    """The example package's image-moments prior declares a stage kind of its own
+    (example_image_moments, entry-point group dmvae_bench.stages) in ``upstream``; the grid runs
+    it before the reference stage, once, and the prior fits from its output. Nothing in this
+    repository names either."""
+    over = [*tiny_overrides, "grid=single", "prior.name=image-moments", "+prior.n_images=256"]
+    proc = subprocess.run([sys.executable, "-m", "benchmark.grid", *over], capture_output=True, text=True,
+                          cwd=Path(__file__).parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = tmp_path / "runs"
+    (moments,) = list((runs / "stages" / "example_image_moments").iterdir())
+    facts = json.loads((moments / "record.json").read_text())["facts"]
+    assert facts["moments_images"] == 256
+    (ref,) = list((runs / "stages" / "reference").iterdir())
+    assert json.loads((ref / "record.json").read_text())["deps"] == {"moments": moments.name}
+    row = pd.read_csv(next(runs.glob("sweeps/*/results.csv"))).iloc[0]
+    assert row["prior"] == "image-moments" and row["status"] == "done"
+    # The cell's own upstream stage is part of its stage map (timed in the tables).
+    assert row["wall_s_example_image_moments"] > 0
+    # A misspelled key of the plug-in is refused before any stage, like a built-in's.
+    bad = subprocess.run([sys.executable, "-m", "benchmark.grid", *over, "+prior.n_imagez=3",
+                          f"run_root={tmp_path / 'bad'}"], capture_output=True, text=True,
+                         cwd=Path(__file__).parent.parent)
+    assert bad.returncode == 2 and "prior.n_imagez" in bad.stderr and "n_images" in bad.stderr
+    assert not (tmp_path / "bad").exists()
 
 
 def test_plugin_named_in_config_and_collisions(installed_plugin):

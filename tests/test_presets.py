@@ -33,7 +33,9 @@ def test_paper_generator_is_lightningdit_xl1_64_epochs():
 
 @pytest.mark.parametrize("preset", _names("tokenizer"))
 def test_tokenizer_preset_consistent(preset):
-    _, (cell,) = config.load(["grid=single", f"tokenizer={preset}"])
+    # A preset is validated against a dataset at its resolution (paper-in256 decodes 256 px).
+    res = ["dataset.resolution=256"] if preset.endswith("in256") else []
+    _, (cell,) = config.load(["grid=single", f"tokenizer={preset}", *res])
     t = cell.cfg["tokenizer"]
     assert t["preset"] == preset and t["reproduces"].strip()
     c, h, w = dag.latent_shape(cell.cfg)

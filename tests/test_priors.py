@@ -54,7 +54,7 @@ def fit_ctx():
                           32, 1, stochastic=False).eval()
     with torch.no_grad():
         norm = LatentNorm.fit(tok.encode(data.float_batch(torch.arange(32))))
-    return FitContext(dataset=data, seed=0, extra={"base_tokenizer": (tok, norm)})
+    return FitContext(dataset=data, seed=0, inputs={"base_tokenizer": (tok, norm)})
 
 
 def test_every_builtin_prior_has_a_contract_case():

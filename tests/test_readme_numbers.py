@@ -79,7 +79,7 @@ def test_tokenizer_presets():
     s = _cfg("tokenizer=cpu-small")["tokenizer"]
     assert _quoted(r"\| `cpu-small` \| conv ch (\d+), batch (\d+), (\d+) \+ (\d+) \+ (\d+) iterations") == \
         (s["encoder"]["ch"], s["batch_size"], s["warmup_iters"], s["match_iters"], s["finetune_iters"])
-    p = _cfg("tokenizer=paper-in256")["tokenizer"]
+    p = _cfg("tokenizer=paper-in256", "dataset.resolution=256")["tokenizer"]
     assert _quoted(r"(\d+K) steps = (\d+K) frozen-encoder \+ (\d+K) DM \+ (\d+K) decoder fine-tune") == \
         (p["warmup_iters"] + p["match_iters"] + p["finetune_iters"], p["warmup_iters"], p["match_iters"],
          p["finetune_iters"])

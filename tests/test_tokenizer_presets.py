@@ -10,7 +10,9 @@ CONF = Path(config.__file__).parent / "conf" / "tokenizer"
 
 
 def _tok(preset):
-    _, (cell,) = config.load(["grid=single", f"tokenizer={preset}"])
+    # Validated against a dataset at the preset's resolution (paper-in256 decodes 256 px).
+    res = ["dataset.resolution=256"] if preset.endswith("in256") else []
+    _, (cell,) = config.load(["grid=single", f"tokenizer={preset}", *res])
     return cell.cfg["tokenizer"]
 
 

@@ -55,10 +55,9 @@ def test_gan_perceptual_stage_resumes_exactly(tiny_overrides, tmp_path, monkeypa
 def test_bf16_vit_flux_stage(tiny_overrides, tmp_path, one_thread):
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
         "tokenizer.precision=bf16",
-        # encoder.mult [1, 2, 2] stays: benchmark.dag.latent_shape reads it (8 x 8 = patch 4)
-        "tokenizer.encoder.name=vit", "+tokenizer.encoder.patch_size=4", "+tokenizer.encoder.dim=16",
-        "+tokenizer.encoder.depth=1", "+tokenizer.encoder.num_heads=2",
-        "tokenizer.decoder.name=flux", "+tokenizer.decoder.ch_mult=[1,2,2]"]
+        # Whole sections replaced (~ then +): the conv keys of cpu-tiny are no ViT/FLUX settings.
+        "~tokenizer.encoder", "+tokenizer.encoder={name: vit, patch_size: 4, dim: 16, depth: 1, num_heads: 2}",
+        "~tokenizer.decoder", "+tokenizer.decoder={name: flux, ch: 8, ch_mult: [1, 2, 2]}"]
     _run(over, tmp_path)
     (d,) = tmp_path.glob("stages/tokenizer/*")
     facts = read_json(d / "record.json")["facts"]

@@ -58,7 +58,7 @@ class Upsample(nn.Module):
 class FluxDecoder(nn.Module):
     def __init__(self, latent_channels: int, out_channels: int = 3, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 2, 4, 4), num_res_blocks: int = 2,
-                 mid_attention: bool = True, upsample_input: bool = False, **_: object) -> None:
+                 mid_attention: bool = True, upsample_input: bool = False) -> None:
         super().__init__()
         top = ch * ch_mult[-1]
         self.conv_in = nn.Conv2d(latent_channels, top, 3, padding=1)
@@ -79,6 +79,11 @@ class FluxDecoder(nn.Module):
         self.norm_out = group_norm(cin)
         self.conv_out = nn.Conv2d(cin, out_channels, 3, padding=1)
         self.upsample = 2 ** (len(ch_mult) - 1) * (2 if upsample_input else 1)
+
+    @classmethod
+    def upsampling(cls, section: dict) -> int:
+        """Output side / latent side, from the config alone."""
+        return 2 ** (len(section.get("ch_mult", (1, 2, 4, 4))) - 1) * (2 if section.get("upsample_input") else 1)
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -213,8 +213,7 @@ class PatchGAN(nn.Module):
 
     def __init__(self, in_channels: int, weight: float = 0.5, start_step: int = 0, ndf: int = 64,
                  n_layers: int = 3, norm: str = "batch", diffaug: str = "color,translation,cutout",
-                 lr: float = 2e-5, betas: tuple[float, float] = (0.5, 0.9), max_weight: float = 1e4,
-                 **_: Any) -> None:
+                 lr: float = 2e-5, betas: tuple[float, float] = (0.5, 0.9), max_weight: float = 1e4) -> None:
         super().__init__()
         self.weight, self.start_step, self.max_weight = float(weight), int(start_step), float(max_weight)
         self.diffaug = diffaug or ""

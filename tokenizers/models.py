@@ -38,7 +38,9 @@ class ConvEncoder(nn.Module):
     """Downsamples by 2 ** (len(mult) - 1); returns features of width ``out_features``."""
 
     def __init__(self, in_channels: int = 1, ch: int = 32, mult: Sequence[int] = (1, 2, 2),
-                 num_res_blocks: int = 1, **_: object) -> None:
+                 num_res_blocks: int = 1, image_size: int | None = None) -> None:
+        # image_size: build_tokenizer passes it to every encoder (a ViT sizes its position table
+        # by it); a conv encoder works at any size.
         super().__init__()
         layers: list[nn.Module] = [nn.Conv2d(in_channels, ch, 3, padding=1)]
         cin = ch
@@ -56,11 +58,19 @@ class ConvEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    @classmethod
+    def validate(cls, section: dict, image_size: int) -> None:
+        """The image side must halve exactly once per extra ``mult`` level."""
+        down = 2 ** (len(section.get("mult", (1, 2, 2))) - 1)
+        if image_size % down:
+            raise ValueError(f"image size {image_size} is not divisible by the conv encoder's downsampling "
+                             f"factor {down} (tokenizer.encoder.mult={list(section.get('mult', (1, 2, 2)))})")
+
 
 @DECODERS.register("conv")
 class ConvDecoder(nn.Module):
     def __init__(self, latent_channels: int, out_channels: int = 1, ch: int = 32,
-                 mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1, **_: object) -> None:
+                 mult: Sequence[int] = (1, 2, 2), num_res_blocks: int = 1) -> None:
         super().__init__()
         cin = ch * mult[-1]
         layers: list[nn.Module] = [nn.Conv2d(latent_channels, cin, 3, padding=1)]
@@ -74,6 +84,11 @@ class ConvDecoder(nn.Module):
         layers += [_norm(cin), nn.SiLU(), nn.Conv2d(cin, out_channels, 3, padding=1)]
         self.net = nn.Sequential(*layers)
         self.upsample = 2 ** (len(mult) - 1)
+
+    @classmethod
+    def upsampling(cls, section: dict) -> int:
+        """Output side / latent side, from the config alone."""
+        return 2 ** (len(section.get("mult", (1, 2, 2))) - 1)
 
     @property
     def last_layer(self) -> torch.Tensor:
@@ -137,6 +152,17 @@ class Tokenizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
+
+
+@torch.no_grad()
+def encode_all(tok: "Tokenizer", images, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
+    """Latents of every image of an image set (anything with ``len`` and ``float_batch(idx)``,
+    e.g. benchmark.data.ImageSet), in batches, on ``device``; returned on the CPU."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = images.float_batch(torch.arange(i, min(len(images), i + batch_size)))
+        out.append(tok.encode(x.to(device or "cpu")).cpu())
+    return torch.cat(out)
 
 
 def latent_side(tok_cfg: dict, resolution: int) -> int:

@@ -22,8 +22,7 @@ class ViTEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int = 1, image_size: int = 32, patch_size: int = 4,
-                 dim: int = 64, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0,
-                 **_: object) -> None:
+                 dim: int = 64, depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         from timm.models.vision_transformer import Block
         if image_size % patch_size:
@@ -59,7 +58,7 @@ class BackboneEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 256, backbone: dict | None = None,
-                 latent_grid: int | None = None, freeze: bool = False, **_: object) -> None:
+                 latent_grid: int | None = None, freeze: bool = False) -> None:
         super().__init__()
         if not backbone:
             raise ValueError("encoder 'backbone' needs a `backbone:` section, e.g. "

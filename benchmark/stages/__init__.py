@@ -1,11 +1,34 @@
-"""One module per stage; each exposes ``run(node) -> dict`` of facts for the record."""
-from importlib import import_module
+"""The built-in stage kinds, one module per stage, each with ``run(node) -> dict`` (the facts
+for its record) and, where a dependant needs more than the run directory, ``output(node)``.
+
+The pipeline every cell runs is fid_ref, reference, tokenizer, recon_eval, generator, gen_eval.
+``ssl_backbone`` and ``teacher`` run only when a plug-in declares them (the offline-MAE
+backbone; the dm loss without an exact score), exactly as a third-party stage would
+(benchmark/upstream.py).
+"""
 from typing import Callable
 
-from benchmark.dag import STAGES
+from benchmark.upstream import STAGES, register_stage
+
+# name, version, data parallel. Bump a version when a stage's outputs change meaning, so that
+# old run directories are not reused.
+# reference 2: stage 1 of feature priors; generator 2: EMA snapshot format.
+# teacher 2: its network is seeded before it is built (version 1 started from whatever state the
+# worker process's RNG was in, so its runs are not reproducible and must not be reused).
+BUILTIN = (("fid_ref", 1, False), ("ssl_backbone", 1, False), ("reference", 2, False), ("teacher", 2, False),
+           ("tokenizer", 1, True), ("recon_eval", 1, False), ("generator", 2, True), ("gen_eval", 1, False))
+for _name, _version, _ddp in BUILTIN:
+    register_stage(_name, _version, f"benchmark.stages.{_name}", distributed=_ddp)
+
+# Display order (status, SLURM resource sections): built-ins in pipeline order, then plug-ins'.
+ORDER = tuple(name for name, _, _ in BUILTIN)
+
+
+def stage_names() -> tuple[str, ...]:
+    """Every registered stage kind (plug-ins' included), built-ins first in pipeline order."""
+    return ORDER + tuple(n for n in STAGES.names() if n not in ORDER)
 
 
 def runner(stage: str) -> Callable:
-    if stage not in STAGES:
-        raise KeyError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
-    return import_module(f"benchmark.stages.{stage}").run
+    """The ``run(node)`` of a stage kind; an unknown kind lists the known ones."""
+    return STAGES.get(stage).run

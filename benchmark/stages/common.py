@@ -9,6 +9,7 @@ import torch
 from benchmark.dag import Node, latent_shape
 from benchmark.data import ImageSet, load_images, subset
 from benchmark.store import load_torch
+from tokenizers import encode_all  # noqa: F401  (the stages' import point; tokenizers has the code)
 
 
 def dataset(cfg: dict[str, Any], split: str) -> ImageSet:
@@ -57,15 +58,6 @@ def build_score_net(cfg: dict[str, Any]):
     loss = cfg["loss"]
     return build_generator(loss["score_net"], input_size=h, in_channels=c,
                            num_classes=int(cfg["dataset"]["num_classes"]), **loss.get("score_net_args", {}))
-
-
-@torch.no_grad()
-def encode_all(tok, images: ImageSet, batch_size: int = 500, device: torch.device | None = None) -> torch.Tensor:
-    out = []
-    for i in range(0, len(images), batch_size):
-        x = images.float_batch(torch.arange(i, min(len(images), i + batch_size)))
-        out.append(tok.encode(x.to(device or "cpu")).cpu())
-    return torch.cat(out)
 
 
 def features_file(name: str, primary: bool) -> str:

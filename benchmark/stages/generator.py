@@ -33,7 +33,6 @@ from generators import EMA, build_generator, interpolate, sample_t, velocity_tar
 
 log = logging.getLogger(__name__)
 
-SUPPORTS_DISTRIBUTED = True  # benchmark.run_stage refuses world_size > 1 for other stages
 
 
 def label_dropout(cfg: dict) -> float:

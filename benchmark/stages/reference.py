@@ -12,16 +12,12 @@ from priors import FitContext, has_exact_velocity
 
 
 def fit_context(node: Node) -> FitContext:
-    """What the prior may use: the train split, and the outputs of this node's upstream stages."""
-    extra: dict = {}
-    if "ssl_backbone" in node.deps:
-        extra["backbone_overrides"] = {"checkpoint": str(node.deps["ssl_backbone"].dir / "backbone.pt")}
-    if "base_tokenizer" in node.deps:
-        from benchmark.stages.common import load_tokenizer
-        extra["base_tokenizer"] = load_tokenizer(node.deps["base_tokenizer"])
-        extra["base_tokenizer_key"] = node.deps["base_tokenizer"].key
+    """What the prior may use: the train split, and the outputs of the upstream stages it
+    declared (``upstream(cfg)``), by role."""
+    from benchmark.upstream import STAGES
+    inputs = {role: STAGES.get(dep.stage).output(dep) for role, dep in node.deps.items()}
     return FitContext(dataset=dataset(node.cfg, "train"), out_dir=node.dir, seed=int(node.cfg["seed"]),
-                      extra=extra)
+                      inputs=inputs, input_keys={role: dep.key for role, dep in node.deps.items()})
 
 
 def run(node: Node) -> dict:

@@ -11,7 +11,7 @@ import logging
 import torch
 
 from backbones.offline_mae import MAE, MAE_MEAN, MAE_STD, mae_flops_per_image
-from benchmark.dag import Node, ssl_backbone_cfg
+from benchmark.dag import Node
 from benchmark.stages.common import dataset
 from benchmark.store import save_torch
 from benchmark.training import Checkpoint, resolve_device, train_steps, warmup_lambda
@@ -22,8 +22,13 @@ TRAIN_DEFAULTS = {"steps": 600, "batch_size": 128, "lr": 1.5e-3, "weight_decay":
                   "mask_ratio": 0.75, "warmup_steps": 60, "seed": 0, "checkpoint_every": 200}
 
 
+def output(node: Node) -> dict:
+    """What the backbone that needed this stage gets: constructor overrides naming the weights."""
+    return {"checkpoint": str(node.dir / "backbone.pt")}
+
+
 def run(node: Node) -> dict:
-    bcfg = ssl_backbone_cfg(node.cfg["prior"])
+    bcfg = node.params["backbone"]  # the backbone config the offline-MAE backbone declared
     tr = {**TRAIN_DEFAULTS, **(bcfg.get("train") or {})}
     img_size = int(bcfg.get("img_size", 32))
     train = dataset(node.cfg, "train")

@@ -8,11 +8,18 @@ import torch
 
 from benchmark.dag import Node
 from benchmark.stages.common import build_score_net, load_prior
-from benchmark.store import save_torch
+from benchmark.store import load_torch, save_torch
 from benchmark.training import Checkpoint, resolve_device, train_steps, warmup_lambda
 from generators import flow_matching_loss, random_labels
 
 log = logging.getLogger(__name__)
+
+
+def output(node: Node) -> torch.nn.Module:
+    """The trained score network, for the dm loss that declared this stage."""
+    net = build_score_net(node.cfg)
+    net.load_state_dict(load_torch(node.dir / "teacher.pt"))
+    return net
 
 
 def run(node: Node) -> dict:

@@ -32,35 +32,34 @@ from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.dag import Node, latent_shape
-from benchmark.stages.common import build_score_net, build_tokenizer_for, dataset, encode_all, load_prior
+from benchmark.stages.common import build_tokenizer_for, dataset, encode_all, load_prior, load_tokenizer
 from benchmark.data import subset
-from benchmark.store import load_torch, save_torch, stable_hash, write_json
+from benchmark.store import save_torch, stable_hash, write_json
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
-from priors import LOSSES, ExactTeacher
+from priors import LOSSES
 from tokenizers.losses import PatchGAN, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, pixel_loss
 
 log = logging.getLogger(__name__)
 
-SUPPORTS_DISTRIBUTED = True  # benchmark.run_stage refuses world_size > 1 for other stages
 PRECISIONS = ("fp32", "bf16")
 
 
 def build_matching_loss(node: Node, prior) -> Any:
+    """The cell's matching loss, given the outputs of the stages it declared upstream (e.g. the
+    dm loss's trained teacher)."""
+    from benchmark.upstream import STAGES
     cfg = node.cfg
     lc = dict(cfg["loss"])
-    name = lc.pop("name")
-    cls = LOSSES.get(name)
-    kwargs: dict[str, Any] = {"latent_shape": latent_shape(cfg), "num_classes": int(cfg["dataset"]["num_classes"]),
-                              "prior": prior}
-    if name == "dm":
-        if "teacher" in node.deps:
-            net = build_score_net(cfg)
-            net.load_state_dict(load_torch(node.deps["teacher"].dir / "teacher.pt"))
-            kwargs.update(teacher=net, teacher_kind="trained")
-        else:
-            kwargs.update(teacher=ExactTeacher(prior), teacher_kind="exact")
-        lc.pop("teacher", None)
-    return cls(**lc, **kwargs)
+    cls = LOSSES.get(lc.pop("name"))
+    inputs = {role: STAGES.get(dep.stage).output(dep) for role, dep in node.deps.items() if role != "reference"}
+    return cls.from_config(lc, inputs=inputs, latent_shape=latent_shape(cfg),
+                           num_classes=int(cfg["dataset"]["num_classes"]), prior=prior)
+
+
+def output(node: Node):
+    """(tokenizer, latent normalisation), for a stage that declared this tokenizer upstream
+    (difftraj's reference)."""
+    return load_tokenizer(node)
 
 
 def average_grads(params) -> None:

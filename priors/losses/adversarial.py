@@ -42,7 +42,8 @@ class AdversarialMatching(MatchingLoss):
     def __init__(self, weight: float = 1.0, *, latent_shape: tuple[int, ...], prior: Any = None,
                  hidden: int = 256, depth: int = 2, lr: float = 2e-4,
                  betas: tuple[float, float] = (0.5, 0.999), r1_gamma: float = 0.0,
-                 seed: int = 0, **_: Any) -> None:
+                 seed: int = 0, num_classes: int | None = None) -> None:
+        # num_classes: passed by the runner to every loss; the discriminator is unconditional.
         super().__init__(weight)
         require_sampler(prior, "adversarial")
         if hidden < 1 or depth < 1:

@@ -56,7 +56,8 @@ class FoundationAlignment(MatchingLoss):
                  feature_dim: int | None = None, cos_margin: float = 0.5,
                  distmat_margin: float = 0.25, cos_weight: float = 1.0, distmat_weight: float = 1.0,
                  proj_lr: float = 1e-3, proj_betas: tuple[float, float] = (0.9, 0.95),
-                 **_: Any) -> None:
+                 num_classes: int | None = None) -> None:
+        # num_classes: passed by the runner to every loss; the targets come per image instead.
         super().__init__(weight)
         if not callable(getattr(prior, "align_targets", None)):
             raise ValueError(

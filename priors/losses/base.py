@@ -9,6 +9,8 @@ Being an nn.Module, a loss's state_dict holds its networks; optimisers add thems
 """
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any
 
 import torch
@@ -18,6 +20,32 @@ from torch import nn
 class MatchingLoss(nn.Module):
     needs_posterior = False     # True: forward needs the encoder's (mean, logvar)
     tokenizer_every = 1
+
+    # ---- what the runner asks of a loss class before and when it builds one
+
+    @classmethod
+    def upstream(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """Stages the tokenizer stage needs for this loss, by role (benchmark.upstream.Need);
+        their outputs reach ``from_config`` as ``inputs``. None by default."""
+        return {}
+
+    @classmethod
+    def validate(cls, cfg: dict[str, Any]) -> None:
+        """Reject a bad ``loss`` config before any stage runs (``cfg`` is the whole cell)."""
+        weight = cfg["loss"].get("weight", 0.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"loss.weight (lambda) must be a finite number >= 0, got {weight!r}")
+
+    @classmethod
+    def from_config(cls, loss_cfg: dict[str, Any], *, inputs: dict[str, Any], **runner_args: Any) -> "MatchingLoss":
+        """Build from the ``loss`` config (without ``name``) plus what the runner knows
+        (latent_shape, num_classes, prior), passing each runner argument only to a constructor
+        that takes it. ``inputs``: outputs of the stages ``upstream`` declared."""
+        params = inspect.signature(cls.__init__).parameters
+        takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
+        given = {k: v for k, v in runner_args.items() if takes_all or k in params}
+        elsewhere = set(getattr(cls, "config_keys_read_elsewhere", ()))  # e.g. the teacher stage's keys
+        return cls(**{k: v for k, v in loss_cfg.items() if k not in elsewhere}, **given)
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()

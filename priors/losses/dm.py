@@ -15,18 +15,80 @@ from torch import nn
 
 from generators import build_generator, flow_matching_loss, guided_velocity, sample_t
 from generators import interpolate, velocity_to_x1
+from priors.base import ExactTeacher
 from priors.losses.base import MatchingLoss
 from priors.registry import LOSSES
 
 
+TEACHER_MODES = ("auto", "exact", "trained")
+
+
+def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
+    """Whether a dm cell trains its teacher: ``loss.teacher=trained``, or ``auto`` with a prior
+    that has no closed-form score. ``exact`` with such a prior is an error."""
+    from priors.base import has_exact_velocity
+    from priors.registry import PRIORS
+    mode = cfg["loss"].get("teacher", "auto")
+    if mode == "trained":
+        return True
+    has_exact = has_exact_velocity(PRIORS.get(cfg["prior"]["name"]))
+    if mode == "exact" and not has_exact:
+        raise ValueError(f"loss.teacher=exact but prior {cfg['prior']['name']!r} has no closed-form score; "
+                         f"use loss.teacher=trained or auto")
+    return not has_exact
+
+
 @LOSSES.register("dm")
 class DistributionMatching(MatchingLoss):
+    # `teacher` (auto | exact | trained) decides what from_config passes as the teacher network;
+    # the teacher_* keys are the teacher stage's (benchmark/stages/teacher.py).
+    config_keys_read_elsewhere = ("teacher", "teacher_steps", "teacher_batch_size", "teacher_lr",
+                                  "teacher_checkpoint_every")
+
+    @classmethod
+    def upstream(cls, cfg: dict[str, Any]) -> dict[str, Any]:
+        """A trained teacher when the prior has no exact score (or loss.teacher=trained): the
+        ``teacher`` stage, trained on samples of the prior the reference stage fitted."""
+        from benchmark.upstream import Need
+        if not needs_trained_teacher(cfg):
+            return {}
+        loss = cfg["loss"]
+        params = {k: loss[k] for k in ("score_net", "score_net_args", "teacher_steps", "teacher_batch_size",
+                                       "teacher_lr")}
+        params.update(num_classes=cfg["dataset"]["num_classes"], seed=cfg["seed"])
+        return {"teacher": Need("teacher", params, after=("reference",))}
+
+    @classmethod
+    def validate(cls, cfg: dict[str, Any]) -> None:
+        super().validate(cfg)
+        from generators import GENERATORS
+        loss = cfg["loss"]
+        if loss.get("teacher") not in TEACHER_MODES:
+            raise ValueError(f"loss.teacher must be auto, exact or trained; got {loss.get('teacher')!r}")
+        if loss.get("score_net") not in GENERATORS:
+            raise ValueError(f"unknown generator {loss.get('score_net')!r} for loss.score_net. "
+                             f"Known generators: {', '.join(sorted(GENERATORS))}")
+        needs_trained_teacher(cfg)  # loss.teacher=exact on a prior without an exact score
+
+    @classmethod
+    def from_config(cls, loss_cfg: dict[str, Any], *, inputs: dict[str, Any], prior: Any = None,
+                    **runner_args: Any) -> "DistributionMatching":
+        """The teacher is the trained network of the ``teacher`` stage when upstream declared
+        one, else the prior's exact score."""
+        teacher = inputs.get("teacher")
+        kind = "trained" if teacher is not None else "exact"
+        if teacher is None:
+            teacher = ExactTeacher(prior)
+        args = {k: v for k, v in loss_cfg.items() if k not in cls.config_keys_read_elsewhere}
+        return cls(**args, teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
+                   num_classes=runner_args["num_classes"])
+
     def __init__(self, weight: float = 1.0, *, teacher: nn.Module, latent_shape: tuple[int, ...],
                  num_classes: int, t_range: tuple[float, float] = (0.0, 1.0),
                  cfg_scale: float = 1.0, vae_train_every: int = 5, fake_lr: float = 2e-4,
                  fake_betas: tuple[float, float] = (0.9, 0.95), fake_weight_decay: float = 0.005,
                  score_net: str = "Tiny", score_net_args: dict | None = None,
-                 teacher_kind: str = "trained", **_: Any) -> None:
+                 teacher_kind: str = "trained") -> None:
         super().__init__(weight)
         t0, t1 = map(float, t_range)
         if not 0.0 <= t0 < t1 <= 1.0:

@@ -85,7 +85,9 @@ def mmd2_unbiased(x: torch.Tensor, y: torch.Tensor,
 class MMDMatching(MatchingLoss):
     def __init__(self, weight: float = 1.0, *, prior: Any = None,
                  bandwidth_multipliers: Sequence[float] = (0.25, 0.5, 1.0, 2.0, 4.0),
-                 seed: int = 0, **_: Any) -> None:
+                 seed: int = 0, latent_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None) -> None:
+        # latent_shape, num_classes: passed by the runner to every loss; MMD needs neither.
         super().__init__(weight)
         require_sampler(prior, "mmd")
         mult = tuple(float(s) for s in bandwidth_multipliers)

@@ -12,7 +12,9 @@ from priors.registry import LOSSES
 class NoMatching(MatchingLoss):
     """No regulariser: the latent distribution is whatever reconstruction makes it."""
 
-    def __init__(self, weight: float = 0.0, **_: Any) -> None:
+    def __init__(self, weight: float = 0.0, *, latent_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None, prior: Any = None) -> None:
+        # The runner passes latent_shape, num_classes and prior to every loss; none is used here.
         super().__init__(weight)
 
     def forward(self, z, labels, step, posterior=None):
@@ -28,7 +30,9 @@ class KLToStandardNormal(MatchingLoss):
     """
     needs_posterior = True
 
-    def __init__(self, weight: float = 1e-3, **_: Any) -> None:
+    def __init__(self, weight: float = 1e-3, *, latent_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None, prior: Any = None) -> None:
+        # The runner passes latent_shape, num_classes and prior to every loss; the KL is to N(0, I).
         super().__init__(weight)
 
     def forward(self, z, labels, step, posterior=None):

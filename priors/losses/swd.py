@@ -40,7 +40,9 @@ def sliced_w2_sq(x: torch.Tensor, y: torch.Tensor, theta: torch.Tensor) -> torch
 @LOSSES.register("swd")
 class SlicedWasserstein(MatchingLoss):
     def __init__(self, weight: float = 1.0, *, prior: Any = None, n_projections: int = 128,
-                 seed: int = 0, **_: Any) -> None:
+                 seed: int = 0, latent_shape: tuple[int, ...] | None = None,
+                 num_classes: int | None = None) -> None:
+        # latent_shape, num_classes: passed by the runner to every loss; SWD needs neither.
         super().__init__(weight)
         require_sampler(prior, "swd")
         if n_projections < 1:
