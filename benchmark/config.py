@@ -162,6 +162,7 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
     from benchmark.dag import latent_shape
     from benchmark.metrics import DETECTORS
     from benchmark.plugin_keys import check_cell_keys
+    from benchmark.settings import check_sections
     from benchmark.upstream import STAGES, Need, declared
     from generators import GENERATORS
     from priors import LOSSES, PRIORS
@@ -171,6 +172,7 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
         c = cell.cfg
         import_plugins(c.get("plugins", []))
         try:
+            check_sections(c)  # tokenizer, generator, eval, dataset: known keys, typed values
             check_cell_keys(c)  # every plug-in section holds only keys its plug-in takes
             prior_cls, loss_cls = PRIORS.get(c["prior"]["name"]), LOSSES.get(c["loss"]["name"])
             for plugin in (prior_cls, loss_cls):

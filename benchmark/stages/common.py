@@ -8,18 +8,23 @@ import torch
 
 from benchmark.dag import Node, latent_shape
 from benchmark.data import ImageSet, load_images, subset
+from benchmark.settings import DatasetSettings, EvalSettings
 from benchmark.store import load_torch
 from tokenizers import encode_all  # noqa: F401  (the stages' import point; tokenizers has the code)
 
 
+def dataset_settings(cfg: dict[str, Any]) -> DatasetSettings:
+    return DatasetSettings.from_dict(cfg["dataset"], "dataset")
+
+
 def dataset(cfg: dict[str, Any], split: str) -> ImageSet:
-    d = cfg["dataset"]
-    return load_images(d["name"], split, int(d["resolution"]), d.get("root"))
+    d = dataset_settings(cfg)
+    return load_images(d.name, split, d.resolution, d.root)
 
 
 def eval_images(cfg: dict[str, Any]) -> ImageSet:
     """The fixed held-out subset used for reference statistics and rFID (same images both)."""
-    return subset(dataset(cfg, "test"), int(cfg["eval"]["n_ref"]), seed=0)
+    return subset(dataset(cfg, "test"), EvalSettings.from_dict(cfg["eval"], "eval").n_ref, seed=0)
 
 
 def build_prior(cfg: dict[str, Any], state: dict | None = None):
@@ -41,8 +46,8 @@ def build_tokenizer_for(cfg: dict[str, Any]):
     from tokenizers import build_tokenizer
     from priors import LOSSES
     stochastic = bool(LOSSES.get(cfg["loss"]["name"]).needs_posterior)
-    d = cfg["dataset"]
-    return build_tokenizer(cfg["tokenizer"], int(d["resolution"]), int(d["channels"]), stochastic)
+    d = dataset_settings(cfg)
+    return build_tokenizer(cfg["tokenizer"], d.resolution, d.channels, stochastic)
 
 
 def load_tokenizer(tok_node: Node):
@@ -57,7 +62,7 @@ def build_score_net(cfg: dict[str, Any]):
     c, h, _ = latent_shape(cfg)
     loss = cfg["loss"]
     return build_generator(loss["score_net"], input_size=h, in_channels=c,
-                           num_classes=int(cfg["dataset"]["num_classes"]), **loss.get("score_net_args", {}))
+                           num_classes=dataset_settings(cfg).num_classes, **loss.get("score_net_args", {}))
 
 
 def features_file(name: str, primary: bool) -> str:
@@ -69,13 +74,15 @@ def metric_slug(detector: str) -> str:
     return detector.split("-")[0]
 
 
-def extra_fds(ev: dict[str, Any], images_u8: torch.Tensor, ref_dir: Path, prefix: str) -> dict[str, float]:
+def extra_fds(ev: EvalSettings | dict[str, Any], images_u8: torch.Tensor, ref_dir: Path,
+              prefix: str) -> dict[str, float]:
     """Fréchet distances with the extra detectors (e.g. supervised MobileNetV2), by name."""
     from benchmark.metrics import build_detector, feature_statistics, frechet_distance
+    ev = EvalSettings.from_dict(ev, "eval")
     out: dict[str, float] = {}
-    for name in ev.get("extra_detectors", []):
-        det = build_detector(name, ev["precision"])
-        f = det.features(images_u8, batch_size=int(ev["batch_size"]))["pool"]
+    for name in ev.extra_detectors:
+        det = build_detector(name, ev.precision)
+        f = det.features(images_u8, batch_size=ev.batch_size)["pool"]
         ref = load_torch(ref_dir / features_file(name, primary=False))["pool"]
         out[f"{prefix}_{metric_slug(name)}"] = frechet_distance(*feature_statistics(f), *feature_statistics(ref))
         out[f"{prefix}_{metric_slug(name)}_detector"] = det.version

@@ -26,6 +26,7 @@ from benchmark import distributed
 from benchmark.dag import Node, latent_shape
 from benchmark.data import subset
 from benchmark.distributed import DistInfo
+from benchmark.settings import DatasetSettings, GeneratorSettings
 from benchmark.stages.common import dataset, encode_all, load_tokenizer
 from benchmark.store import save_torch, stable_hash
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
@@ -35,19 +36,23 @@ log = logging.getLogger(__name__)
 
 
 
+def settings(cfg: dict) -> GeneratorSettings:
+    return GeneratorSettings.from_dict(cfg["generator"], "generator")
+
+
 def label_dropout(cfg: dict) -> float:
-    g = cfg["generator"]
-    return float(g.get("model_args", {}).get("class_dropout_prob", g["label_dropout"]))
+    g = settings(cfg)
+    return float(g.model_args.get("class_dropout_prob", g.label_dropout))
 
 
 def build_model(cfg: dict, class_dropout_prob: float | None = None) -> torch.nn.Module:
     """The configured generator; class_dropout_prob=0 when the caller drops labels itself."""
-    g = cfg["generator"]
+    g = settings(cfg)
     c, h, _ = latent_shape(cfg)
-    args = dict(g.get("model_args", {}))
+    args = dict(g.model_args)
     args["class_dropout_prob"] = label_dropout(cfg) if class_dropout_prob is None else class_dropout_prob
-    return build_generator(g["model"], input_size=h, in_channels=c,
-                           num_classes=int(cfg["dataset"]["num_classes"]), **args)
+    return build_generator(g.model, input_size=h, in_channels=c,
+                           num_classes=DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes, **args)
 
 
 def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -84,20 +89,19 @@ def draw_batch(g: torch.Generator, n_items: int, batch_size: int, shape: tuple[i
 def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
           info: DistInfo | None = None) -> dict:
     """Train on (z_all, y_all) and write ema.pt to out_dir (rank 0); returns the stage's facts."""
-    gc, seed = cfg["generator"], int(cfg["seed"])
+    gc, seed = settings(cfg), int(cfg["seed"])
     info = info or distributed.current(cfg.get("device", "auto"))
-    steps, bs, dev = int(gc["steps"]), int(gc["batch_size"]), info.device
+    steps, bs, dev = gc.steps, gc.batch_size, info.device
     if bs % info.world_size:
         raise ValueError(f"generator.batch_size={bs} is the global batch and must divide evenly over "
                          f"{info.world_size} processes; use a multiple of {info.world_size}")
     torch.manual_seed(seed + 1)
     model = build_model(cfg, class_dropout_prob=0.0).to(dev).train()
     p_drop = label_dropout(cfg)
-    ema = EMA(model, float(gc["ema_decay"]))
-    opt = torch.optim.AdamW(model.parameters(), lr=float(gc["lr"]), betas=tuple(gc["betas"]),
-                            weight_decay=float(gc["weight_decay"]))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(int(gc["lr_warmup_steps"])))
-    ckpt = Checkpoint(Path(out_dir) / "ckpt.pt", int(gc["checkpoint_every"]))
+    ema = EMA(model, gc.ema_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=gc.lr, betas=gc.betas, weight_decay=gc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(gc.lr_warmup_steps))
+    ckpt = Checkpoint(Path(out_dir) / "ckpt.pt", gc.checkpoint_every)
     start = 0
     if (state := ckpt.load()) is not None:  # every rank loads the same file
         model.load_state_dict(state["model"]); ema.load_state_dict(state["ema"])
@@ -113,7 +117,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
     t0, recent = time.perf_counter(), []
     bar = progress(steps, "generator", start) if info.is_main else tqdm(disable=True)
     for step in range(start, steps):
-        b = draw_batch(step_generator(seed, step, dev), len(z_all), bs, shape, gc["t_sampling"],
+        b = draw_batch(step_generator(seed, step, dev), len(z_all), bs, shape, gc.t_sampling,
                        p_drop).part(info.rank, info.world_size)
         idx = b.idx.cpu()
         z = z_all[idx].to(dev, non_blocking=True)
@@ -125,7 +129,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
         mean_loss = distributed.all_reduce_mean(loss.detach())
         check_finite(mean_loss, "generator", step)
         opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), float(gc["grad_clip"]))
+        torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
         opt.step(); sched.step(); ema.update(model)
         recent = (recent + [float(mean_loss)])[-100:]
         bar.update(1)
@@ -145,10 +149,10 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
 
 
 def run(node: Node) -> dict:
-    cfg, gc = node.cfg, node.cfg["generator"]
+    cfg, gc = node.cfg, settings(node.cfg)
     seed = int(cfg["seed"])
     torch.manual_seed(seed + 1)
     tok, lnorm = load_tokenizer(node.deps["tokenizer"])
-    train_set = subset(dataset(cfg, "train"), int(gc["train_images"]), seed=seed)
+    train_set = subset(dataset(cfg, "train"), gc.train_images, seed=seed)
     z_all = lnorm.normalize(encode_all(tok, train_set))
     return train(cfg, z_all, train_set.labels, node.dir)

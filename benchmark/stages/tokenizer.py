@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import typing
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ from benchmark import distributed
 from benchmark.dag import Node, latent_shape
 from benchmark.stages.common import build_tokenizer_for, dataset, encode_all, load_prior, load_tokenizer
 from benchmark.data import subset
+from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from priors import LOSSES
@@ -41,7 +43,7 @@ from tokenizers.losses import PatchGAN, adaptive_weight, build_perceptual, hinge
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = typing.get_args(Precision)  # ("fp32", "bf16")
 
 
 def build_matching_loss(node: Node, prior) -> Any:
@@ -53,7 +55,8 @@ def build_matching_loss(node: Node, prior) -> Any:
     cls = LOSSES.get(lc.pop("name"))
     inputs = {role: STAGES.get(dep.stage).output(dep) for role, dep in node.deps.items() if role != "reference"}
     return cls.from_config(lc, inputs=inputs, latent_shape=latent_shape(cfg),
-                           num_classes=int(cfg["dataset"]["num_classes"]), prior=prior)
+                           num_classes=DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes,
+                           prior=prior)
 
 
 def output(node: Node):
@@ -102,20 +105,19 @@ class TokenizerTraining:
     distributed slice), with one method per phase step. ``run`` below reads as the schedule."""
 
     def __init__(self, node: Node) -> None:
-        cfg, tc = node.cfg, node.cfg["tokenizer"]
+        cfg = node.cfg
+        tc = TokenizerSettings.from_dict(cfg["tokenizer"], "tokenizer")
         self.node, self.cfg, self.tc = node, cfg, tc
         self.seed = int(cfg["seed"])
         self.info = distributed.current(cfg.get("device", "auto"))
         self.device, self.world, self.rank = self.info.device, self.info.world_size, self.info.rank
-        self.bs = bs = int(tc["batch_size"])
+        self.bs = bs = tc.batch_size
         if bs % self.world:
             raise ValueError(f"tokenizer.batch_size={bs} is the global batch and must divide evenly over "
                              f"{self.world} processes; use a multiple of {self.world}")
         n_loc = bs // self.world
         self.rows = slice(self.rank * n_loc, (self.rank + 1) * n_loc)
-        self.precision = str(tc.get("precision", "fp32"))
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"tokenizer.precision={self.precision!r}; known: {', '.join(PRECISIONS)}")
+        self.precision = tc.precision  # "fp32" | "bf16", checked by TokenizerSettings
         torch.manual_seed(self.seed)
         device = self.device
         self.train = dataset(cfg, "train")
@@ -123,19 +125,20 @@ class TokenizerTraining:
         self.tok = build_tokenizer_for(cfg).train().to(device)
         self.match = build_matching_loss(node, self.prior).to(device)  # moves dm's fake/teacher, discriminators
         self.prior_norm = getattr(self.prior, "latent_norm", None)  # feature priors normalise their features
-        self.p_weight = float(tc.get("perceptual_weight", 0.0))
-        self.perceptual = build_perceptual(str(tc["perceptual"])).to(device) if self.p_weight > 0 else None
-        gcfg = dict(tc.get("gan") or {})
-        self.gan = PatchGAN(int(cfg["dataset"]["channels"]), **gcfg).to(device) \
-            if float(gcfg.get("weight", 0)) > 0 else None
-        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=float(tc["lr"]), betas=tuple(tc["betas"]),
-                                     weight_decay=float(tc["weight_decay"]))
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(int(tc["lr_warmup_steps"])))
-        self.w_it, self.m_it, self.f_it = int(tc["warmup_iters"]), int(tc["match_iters"]), int(tc["finetune_iters"])
+        self.p_weight = tc.perceptual_weight
+        if self.p_weight > 0 and tc.perceptual is None:
+            raise ValueError("tokenizer.perceptual_weight > 0 needs tokenizer.perceptual (mobilenet_v2 | lpips-vgg)")
+        self.perceptual = build_perceptual(tc.perceptual).to(device) if self.p_weight > 0 else None
+        gcfg = dict(tc.gan or {})
+        channels = DatasetSettings.from_dict(cfg["dataset"], "dataset").channels
+        self.gan = PatchGAN(channels, **gcfg).to(device) if float(gcfg.get("weight", 0)) > 0 else None
+        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(tc.lr_warmup_steps))
+        self.w_it, self.m_it, self.f_it = tc.warmup_iters, tc.match_iters, tc.finetune_iters
         self.total = self.w_it + self.m_it + self.f_it
-        self.frozen_warmup = bool(tc.get("warmup_frozen_encoder", False))
+        self.frozen_warmup = tc.warmup_frozen_encoder
         self.data_rng = torch.Generator().manual_seed(self.seed + 7)
-        self.ckpt = Checkpoint(node.dir / "ckpt.pt", int(tc["checkpoint_every"]))
+        self.ckpt = Checkpoint(node.dir / "ckpt.pt", tc.checkpoint_every)
         self.shape = tuple(self.tok.latent_shape)
         self.logs: dict[str, float] = {}
 
@@ -185,7 +188,7 @@ class TokenizerTraining:
         """(loss, reconstruction part without the GAN term, logs)"""
         tc, gan = self.tc, self.gan
         x_rec = x_rec.float()
-        rec = pixel_loss(x_rec, x, float(tc["l1_weight"]), float(tc.get("l2_weight", 0.0)))
+        rec = pixel_loss(x_rec, x, tc.l1_weight, tc.l2_weight)
         out = {}
         if self.perceptual is not None:
             p = self.perceptual(x_rec, x)
@@ -205,7 +208,7 @@ class TokenizerTraining:
         check_finite(distributed.all_reduce_mean(loss.detach()), f"tokenizer/{what}", it)
         self.opt.zero_grad(set_to_none=True); loss.backward()
         average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, float(self.tc["grad_clip"]))
+        torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
         self.opt.step(); self.sched.step()
         self.logs["rec"] = float(distributed.all_reduce_mean(rec.detach()))
 
@@ -289,7 +292,7 @@ class TokenizerTraining:
         """Latent normalisation, weights and the record (rank 0)."""
         from tokenizers import LatentNorm
         tok, tc = self.tok.eval(), self.tc
-        z_all = encode_all(tok, subset(self.train, int(tc["norm_images"]), seed=self.seed), device=self.device)
+        z_all = encode_all(tok, subset(self.train, tc.norm_images, seed=self.seed), device=self.device)
         lnorm = LatentNorm.fit(z_all)
         save_torch(self.node.dir / "tokenizer.pt", {k: v.cpu() for k, v in _plain_state(tok).items()})
         lnorm.save(self.node.dir / "latent_norm.json")
@@ -301,7 +304,7 @@ class TokenizerTraining:
                 "tokenizer_iters": total, "tokenizer_iters_per_s": (total - start) / max(elapsed, 1e-9),
                 "tokenizer_images_per_s": (total - start) * bs / max(elapsed, 1e-9),
                 "tokenizer_world_size": self.world, "tokenizer_precision": self.precision,
-                "tokenizer_compile": bool(tc.get("compile", False)),
+                "tokenizer_compile": tc.compile,
                 "perceptual": perceptual.name if perceptual is not None else "none",
                 "perceptual_weight": self.p_weight,
                 "final_rec_loss": self.logs.get("rec", float("nan")), **self.match.describe(),
@@ -312,7 +315,7 @@ def run(node: Node) -> dict:
     t = TokenizerTraining(node)
     start = t.resume()
     # Compiled in place (nn.Module.compile): state_dict keys stay those of the plain modules.
-    if bool(t.tc.get("compile", False)):
+    if t.tc.compile:
         t.tok.encoder.compile(); t.tok.decoder.compile()
     t0 = time.perf_counter()
     bar = progress(t.total, "tokenizer", start) if t.info.is_main else tqdm(disable=True)

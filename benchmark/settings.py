@@ -1,0 +1,298 @@
+"""Typed settings of the runner's own config sections: ``tokenizer``, ``generator``, ``eval``,
+``dataset``.
+
+The stage modules read these sections through the frozen dataclasses below instead of casting
+dict values on every read (``int(tc["batch_size"])``). ``Settings.from_dict(section, where)``
+refuses unknown keys (with the config path, a close match and the known keys) and checks and
+coerces every value's type, so a bad config is refused before any stage runs
+(benchmark/config.py's ``validate`` calls it for every cell).
+
+Defaults live here, in one place, and are exactly the ones the stage code used when a key was
+absent (``tc.get("precision", "fp32")``); a key the code always required has no default, so a
+config without it is refused by name. Where the YAML preset sets another value than the default
+(``tokenizer.precision``: bf16 in every preset, fp32 when absent), the field's comment says so.
+Plug-in sections (``tokenizer.encoder``, ``tokenizer.decoder``, ``tokenizer.gan``,
+``generator.model_args``) stay plain dicts: their plug-ins check their own keys
+(benchmark/plugin_keys.py).
+
+Coercion rules: an int field takes an int, a float with an integral value, or a string that
+parses as an int; a float field takes an int, a float or a string that parses as a float; a
+bool field takes only a bool; a str field only a str; a tuple field a list or tuple (of the
+declared length, when fixed); ``Optional[X]`` also takes None; ``Literal[...]`` one of its values.
+
+This module is the bottom layer: standard library only, no runner import.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, TypeVar, Union
+
+Precision = Literal["fp32", "bf16"]
+
+S = TypeVar("S", bound="Settings")
+
+
+class SettingsError(ValueError):
+    """A runner config section holds an unknown key, lacks a required one, or has a value of the
+    wrong type. The message names the config path (``tokenizer.batch_size``)."""
+
+
+class Settings:
+    """Base of the typed sections: ``from_dict`` and ``to_dict``."""
+
+    @classmethod
+    def from_dict(cls: type[S], d: Any, where: str) -> S:
+        """The section ``d`` (a plain dict, e.g. ``cfg["tokenizer"]``) at config path ``where``,
+        checked and coerced; raises SettingsError (a ValueError) naming the path."""
+        if isinstance(d, cls):
+            return d
+        if not isinstance(d, dict):
+            raise SettingsError(f"`{where}` must be a mapping of keys to values, got {_show(d)}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for key in d:
+            if key not in fields:
+                close = difflib.get_close_matches(str(key), list(fields), n=1)
+                hint = f" (did you mean {where}.{close[0]}?)" if close else ""
+                raise SettingsError(f"unknown key {where}.{key}{hint}; known keys of `{where}`: "
+                                    f"{', '.join(sorted(fields))}")
+        missing = [name for name, f in fields.items() if name not in d and _required(f)]
+        if missing:
+            raise SettingsError(f"`{where}` lacks {', '.join(f'`{where}.{k}`' for k in missing)} "
+                                f"(no default: every preset sets it)")
+        values = {name: _coerce(d[name], hints[name], f"{where}.{name}") for name in fields if name in d}
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+
+
+# ---------------------------------------------------------------------------------------------
+# The sections. Field comments give the source of a number where the YAML presets name one.
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplerSettings(Settings):
+    """``eval.sampler``: how gen_eval integrates the generator's flow."""
+    method: str                      # euler | heun (generators.sample)
+    steps: int                       # integration steps (cpu-tiny: 32)
+    cfg_scale: float                 # 1 = no classifier-free guidance
+    time_shift: float                # 1 = no shift of the time grid
+    cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for t in [t0, t1]; default: always
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenizerSettings(Settings):
+    """``tokenizer`` (benchmark/conf/tokenizer/*.yaml): the tokenizer stage's schedule and losses.
+    The numbers of cpu-tiny/cpu-small are our choices for a CPU budget; paper-in256's sources are
+    in its YAML comments (DMVAE_METHOD.md: lr 2e-5, 350K DM steps, bf16, L1 + LPIPS + PatchGAN)."""
+    # documentation only
+    preset: str
+    reproduces: Optional[str] = None
+    description: Optional[str] = None
+    # plug-in sections, built by tokenizers.build_tokenizer / PatchGAN from the raw dicts
+    encoder: dict
+    decoder: dict
+    gan: Optional[dict] = None       # PatchGAN kwargs; None or weight 0 = no discriminator
+    latent_channels: int
+    bottleneck_hidden: int = 0       # 0 = twice the encoder width (tokenizers.build_tokenizer's default)
+    # optimisation
+    batch_size: int                  # the global batch (divided over data-parallel ranks)
+    lr: float                        # paper-in256: 2e-5 (DMVAE_METHOD.md)
+    betas: tuple[float, float]
+    weight_decay: float
+    lr_warmup_steps: int
+    grad_clip: float
+    # reconstruction loss
+    l1_weight: float
+    l2_weight: float = 0.0           # absent = no L2 term (cpu-tiny/cpu-small set 1.0)
+    perceptual: Optional[str] = None  # mobilenet_v2 | lpips-vgg; needed only when perceptual_weight > 0
+    perceptual_weight: float = 0.0   # 0 = no perceptual network is built
+    # schedule (one iteration counter over the three phases)
+    warmup_iters: int                # reconstruction only
+    warmup_frozen_encoder: bool = False  # true: warm-up trains only bottleneck + decoder (DMVAE stage 1)
+    match_iters: int                 # reconstruction + lambda * matching; paper-in256: 350K (DMVAE_METHOD.md)
+    finetune_iters: int              # decoder only, encoder frozen (paper stage 4)
+    norm_images: int                 # images used to fit the latent mean/scale
+    checkpoint_every: int
+    # execution
+    precision: Precision = "fp32"    # absent = fp32; every preset sets bf16 (the paper's autocast)
+    compile: bool = False            # torch.compile the encoder and decoder
+
+
+@dataclass(frozen=True, kw_only=True)
+class GeneratorSettings(Settings):
+    """``generator`` (benchmark/conf/generator/*.yaml): the latent flow-matching DiT. paper-in256
+    is LightningDiT-XL/1 with AdamW lr 2e-4, betas (0.9, 0.95), EMA 0.9999, label dropout 0.1,
+    batch 1024, 64 epochs (DMVAE_METHOD.md, Table 3); cpu-* numbers are our choices."""
+    # documentation only
+    preset: str
+    reproduces: Optional[str] = None
+    description: Optional[str] = None
+    epochs: Optional[float] = None   # steps * batch_size / train_images (tests/test_presets.py checks it)
+    # model
+    model: str                       # generators.GENERATORS size name (Tiny, S, ..., XL)
+    model_args: dict = field(default_factory=dict)  # generator kwargs (patch_size, ...), a plug-in section
+    label_dropout: float             # paper: 0.1; model_args.class_dropout_prob overrides it
+    # data and optimisation
+    train_images: int                # latents encoded once, then held in memory; paper: 1,281,167
+    batch_size: int                  # the global batch; paper: 1024
+    steps: int                       # paper: 80073 = 64 epochs
+    lr: float                        # paper: 2e-4
+    betas: tuple[float, float]       # paper: (0.9, 0.95)
+    weight_decay: float
+    lr_warmup_steps: int
+    grad_clip: float
+    ema_decay: float                 # paper: 0.9999
+    t_sampling: str                  # generators.sample_t kind; paper: uniform
+    checkpoint_every: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings(Settings):
+    """``eval`` (benchmark/conf/eval/cpu-tiny.yaml): FID reference, samples, detectors."""
+    preset: Optional[str] = None     # documentation only
+    reproduces: Optional[str] = None
+    description: Optional[str] = None
+    n_ref: int                       # held-out (test split) images for reference statistics and rFID
+    n_samples: int                   # generated images, class-balanced
+    detector: str                    # benchmark.metrics.DETECTORS name
+    extra_detectors: tuple[str, ...] = ()  # FD with other detectors, reported as fd_<name>
+    precision: Precision             # detector precision, both sides
+    batch_size: int
+    kid_subset_size: int             # torch-fidelity's default is 1000; must not exceed either set
+    sampler: SamplerSettings
+    labels: Optional[Literal["balanced", "random"]] = None  # None = balanced (n / K per class)
+    ref_npz: Optional[str] = None    # ADM-style reference statistics -> extra column gfid_ref_npz
+
+    @property
+    def label_mode(self) -> str:
+        return self.labels or "balanced"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DatasetSettings(Settings):
+    """``dataset`` (benchmark/conf/dataset/*.yaml)."""
+    preset: Optional[str] = None     # documentation only
+    reproduces: Optional[str] = None
+    description: Optional[str] = None
+    name: str                        # benchmark.data loader name
+    resolution: int                  # images are zero-padded/resized to this side
+    channels: int
+    num_classes: int
+    root: Optional[str] = None       # a folder with the files; None = search the usual places
+
+
+SECTIONS: dict[str, type[Settings]] = {"tokenizer": TokenizerSettings, "generator": GeneratorSettings,
+                                       "eval": EvalSettings, "dataset": DatasetSettings}
+
+
+def check_sections(cfg: dict[str, Any]) -> None:
+    """Check every runner section of a resolved cell config (raises SettingsError)."""
+    for name, cls in SECTIONS.items():
+        cls.from_dict(cfg[name], name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Type checks and coercion
+
+
+def _show(v: Any) -> str:
+    return f"{v!r} ({type(v).__name__})"
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin in (Union, types.UnionType):
+        return " | ".join("None" if a is type(None) else _type_name(a) for a in args)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+    if origin is dict or tp is dict:
+        return "a mapping"
+    if isinstance(tp, type) and issubclass(tp, Settings):
+        return f"a mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+    def bad() -> SettingsError:
+        return SettingsError(f"`{where}` must be {_type_name(tp)}, got {_show(value)}")
+
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for a in options:
+            try:
+                return _coerce(value, a, where)
+            except SettingsError as exc:
+                errors.append(exc)
+        if len(options) == 1:
+            raise SettingsError(f"{errors[0]} (or None)")
+        raise bad()
+    if origin is Literal:
+        if isinstance(value, str) and value in args:
+            return value
+        raise SettingsError(f"`{where}` must be one of {', '.join(str(a) for a in args)}, got {_show(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad()
+    if tp is int:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise bad()
+    if tp is float:
+        if isinstance(value, bool):
+            raise bad()
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value.strip())
+            except ValueError:
+                pass
+        raise bad()
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise bad()
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise bad()
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise SettingsError(f"`{where}` must be {_type_name(tp)}, got {len(value)} values: {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise bad()
+    if isinstance(tp, type) and issubclass(tp, Settings):
+        return tp.from_dict(value, where)
+    raise TypeError(f"{where}: settings type {tp!r} is not supported")  # a bug in this module
