@@ -36,7 +36,8 @@ def cell_rows(cells: list[dict[str, Any]], run_root: Path) -> pd.DataFrame:
             if (d / "record.json").exists():
                 rec = read_json(d / "record.json")
                 for k, v in rec["facts"].items():
-                    row.setdefault(k, v)
+                    # Records written before lambda had one name called it loss_weight.
+                    row.setdefault("lambda" if k == "loss_weight" else k, v)
                 if stage not in UNTIMED:
                     row[f"wall_s_{stage}"] = rec["wall_time_s"]
                     row[f"device_h_{stage}"] = rec["device_hours"]

@@ -2,13 +2,14 @@
 
 We use hydra's compose API rather than @hydra.main so that the runner keeps its own working
 directory and logging, while users get hydra's full override grammar
-(``python -m benchmark.grid grid=single prior=gmm loss.weight=10``).
+(``python -m benchmark.grid grid=single prior=gmm loss.lambda=10``).
 Per cell, the grid's overrides are applied first and the command line's after them, so the
 user always wins; a group chosen on the command line (``prior=gmm``) replaces the cell's.
 """
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from benchmark.registry import RegistryError, import_plugins
 from benchmark.store import stable_hash
+
+log = logging.getLogger(__name__)
 
 CONFIG_MODULE = "benchmark.conf"
 
@@ -33,7 +36,7 @@ class Cell:
     def keys(self) -> dict[str, Any]:
         c = self.cfg
         return {"dataset": c["dataset"]["name"], "prior": c["prior"].get("label") or c["prior"]["name"],
-                "loss": c["loss"]["name"], "lambda": c["loss"]["weight"],
+                "loss": c["loss"]["name"], "lambda": c["loss"]["lambda"],
                 "tokenizer": c["tokenizer"]["preset"], "generator": c["generator"]["preset"],
                 "seed": self.seed}
 
@@ -54,7 +57,7 @@ def _key(override: str) -> str:
 
 
 def expand_sweeps(overrides: list[str]) -> list[list[str]]:
-    """Comma sweeps (``prior=gaussian,gmm loss.weight=1,10``) as hydra's basic sweeper expands
+    """Comma sweeps (``prior=gaussian,gmm loss.lambda=1,10``) as hydra's basic sweeper expands
     them: the product of every swept key's values, in command-line order; other overrides are
     kept as typed. Lists (``grid.seeds=[0,1]``) are values, not sweeps. ``range(...)`` and
     ``choice(...)`` enumerate; ``interval(...)`` is refused, as the basic sweeper does."""
@@ -77,7 +80,7 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
 
     Comma sweeps on the command line multiply the grid: every combination of swept values is
     applied to every cell of the grid preset (with or without hydra's ``--multirun``)."""
-    hydra_overrides, optional = split_optional(list(overrides or []))
+    hydra_overrides, optional = split_optional(renamed(list(overrides or [])))
     combos = expand_sweeps(hydra_overrides)
     base_dict: dict[str, Any] | None = None
     cells: list[Cell] = []
@@ -101,6 +104,23 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
 
 def _run_settings(base: dict[str, Any]) -> tuple:
     return base.get("run_root"), stable_hash(base.get("launcher")), stable_hash(base.get("grid"))
+
+
+# Renamed keys: the old spelling on a command line or in a grid preset still works, with a warning.
+RENAMED = {"loss.weight": "loss.lambda", "prior.base_loss.weight": "prior.base_loss.lambda"}
+
+
+def renamed(overrides: list[str]) -> list[str]:
+    """Overrides with renamed keys spelled the current way (``loss.weight=10`` -> ``loss.lambda=10``)."""
+    out = []
+    for o in overrides:
+        prefix = o[: len(o) - len(o.lstrip("+~?"))]
+        key, sep, value = o[len(prefix):].partition("=")
+        if key in RENAMED:
+            log.warning("%s is now %s (one name for lambda in configs, records and tables)", key, RENAMED[key])
+            o = f"{prefix}{RENAMED[key]}{sep}{value}"
+        out.append(o)
+    return out
 
 
 def split_optional(overrides: list[str]) -> tuple[list[str], list[tuple[str, Any]]]:
@@ -138,11 +158,11 @@ def _cells_for(overrides: list[str], optional: list[tuple[str, Any]] = ()) -> tu
     optional = [(k, v) for k, v in optional if k not in plain_keys]
     user_keys = plain_keys | {k for k, _ in optional}
     # A group the user picks (prior=gmm) replaces the cell's, and with it the cell's settings of
-    # that group's keys (prior.n_images=..., loss.weight=...), which were meant for the cell's choice.
+    # that group's keys (prior.n_images=..., loss.lambda=...), which were meant for the cell's choice.
     user_groups = {k for k in user_keys if "." not in k}
     cells: list[Cell] = []
     for cell_overrides in grid["cells"]:
-        kept = [o for o in cell_overrides if _key(o) not in user_keys
+        kept = [o for o in renamed(cell_overrides) if _key(o) not in user_keys
                 and _key(o).split(".", 1)[0] not in user_groups]
         cfg_dc = _compose(kept + overrides)
         _apply_optional(cfg_dc, list(optional))

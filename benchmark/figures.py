@@ -294,7 +294,7 @@ def lambda_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
     logx = bool((lam > 0).all() and lam.max() / lam.min() >= 10)
     group = ["prior", "loss"] + [k for k in SETTING if done[k].nunique() > 1]
     fig = _series_lines(done[keep], "lambda", group, f"{title}: gFID against the matching-loss weight",
-                        "λ (loss.weight)" + (", log scale" if logx else ""), logx)
+                        "λ (loss.lambda)" + (", log scale" if logx else ""), logx)
     single = done.loc[~keep].drop_duplicates(group)
     caption = ("One line per (prior, loss), mean gFID over seeds at each lambda, bars ± one std. "
                "The paper's Table 2 varies lambda for its DINO prior (see the paper figures).")

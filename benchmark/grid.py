@@ -46,10 +46,10 @@ Flags (hydra's conventions; everything else is a hydra override):
 
 Overrides:
   group=option        pick a preset of a group, e.g. prior=gmm tokenizer=cpu-small
-  key=value           set a value, e.g. loss.weight=10 eval.n_samples=5000 run_root=/scratch/runs
+  key=value           set a value, e.g. loss.lambda=10 eval.n_samples=5000 run_root=/scratch/runs
   ++key=value         add or set a key that the preset does not declare
   key=a,b,c           comma sweep: the product of all swept keys, applied to every grid cell,
-                      e.g. prior=gaussian,gmm loss.weight=1,10 (4 combinations)
+                      e.g. prior=gaussian,gmm loss.lambda=1,10 (4 combinations)
 """
 
 

@@ -74,7 +74,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     from benchmark.stages.common import build_prior, build_tokenizer_for
     from benchmark.stages.generator import build_model
     from generators import flow_matching_loss, sample
-    from priors import LOSSES, ExactTeacher
+    from priors import LOSSES
 
     tc, gc = cfg["tokenizer"], cfg["generator"]
     res, ch = int(cfg["dataset"]["resolution"]), int(cfg["dataset"]["channels"])
@@ -86,9 +86,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     tok = build_tokenizer_for(cfg).train()
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
     prior = build_prior(cfg)
-    lc = {k: v for k, v in cfg["loss"].items() if k not in ("name", "teacher")}
-    dm = LOSSES.get("dm")(**lc, teacher=ExactTeacher(prior), latent_shape=shape, num_classes=ncls,
-                          prior=prior)
+    dm = LOSSES.get("dm").from_config(cfg["loss"], inputs={}, latent_shape=shape, num_classes=ncls, prior=prior)
 
     import contextlib
     # The preset's precision, as the tokenizer stage runs it (bf16 autocast on this CPU).

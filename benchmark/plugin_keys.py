@@ -132,7 +132,11 @@ def _check_offline_mae(section: dict[str, Any], where: str) -> None:
 def check_loss(section: dict[str, Any], where: str) -> None:
     from priors import LOSSES
     name = _name(section, where, LOSSES)
-    _check("loss", name, LOSSES.get(name), section, where, LOSS_ARGS, NAMED)
+    # `lambda` is the config's name of the constructors' `weight` (a Python keyword can't be one).
+    if "weight" in section:
+        raise ConfigError(f"`{where}.weight` is now `{where}.lambda` (one name in configs, records and tables)")
+    # The constructor's `weight` comes from `lambda`: the former is the runner's, the latter the config's.
+    _check("loss", name, LOSSES.get(name), section, where, LOSS_ARGS + ("weight",), NAMED + ("lambda",))
     if isinstance(section.get("score_net_args"), dict) and section.get("score_net"):
         _check_generator(section["score_net"], section["score_net_args"], f"{where}.score_net_args")
 

@@ -41,12 +41,12 @@ def test_cfg_job_prints_every_cell_and_runs_nothing(tmp_path):
 
 
 def test_comma_sweeps_expand_into_the_product_grid():
-    _, cells = config.load(["grid=single", "prior=gaussian,gmm", "loss.weight=1,10"])
-    assert [(c.cfg["prior"]["name"], c.cfg["loss"]["weight"]) for c in cells] == \
+    _, cells = config.load(["grid=single", "prior=gaussian,gmm", "loss.lambda=1,10"])
+    assert [(c.cfg["prior"]["name"], c.cfg["loss"]["lambda"]) for c in cells] == \
         [("gaussian", 1), ("gaussian", 10), ("gmm", 1), ("gmm", 10)]
     # Applied to every cell of a grid preset: the pair grid (gaussian dm, gaussian kl) x 2 weights.
-    _, pair = config.load(["grid=pair", "loss.weight=1,10"])
-    assert sorted((c.cfg["loss"]["name"], c.cfg["loss"]["weight"]) for c in pair) == \
+    _, pair = config.load(["grid=pair", "loss.lambda=1,10"])
+    assert sorted((c.cfg["loss"]["name"], c.cfg["loss"]["lambda"]) for c in pair) == \
         [("dm", 1), ("dm", 10), ("kl", 1), ("kl", 10)]
     # Lists are values, not sweeps.
     _, seeds = config.load(["grid=single", "grid.seeds=[0,1]"])
@@ -57,9 +57,9 @@ def test_sweeping_run_settings_or_intervals_is_rejected():
     with pytest.raises(ValueError, match="cannot be swept"):
         config.load(["grid=single", "run_root=/tmp/a,/tmp/b"])
     with pytest.raises(ValueError, match="comma sweeps"):
-        config.load(["grid=single", "loss.weight=interval(1,3)"])  # continuous: nothing to enumerate
-    _, cells = config.load(["grid=single", "loss.weight=range(1,3)"])  # discrete, as in hydra
-    assert [c.cfg["loss"]["weight"] for c in cells] == [1, 2]
+        config.load(["grid=single", "loss.lambda=interval(1,3)"])  # continuous: nothing to enumerate
+    _, cells = config.load(["grid=single", "loss.lambda=range(1,3)"])  # discrete, as in hydra
+    assert [c.cfg["loss"]["lambda"] for c in cells] == [1, 2]
 
 
 def test_unknown_flag_is_an_error(caplog):
@@ -80,3 +80,19 @@ def test_optional_overrides_set_a_key_only_where_it_exists():
     assert cell.cfg["prior"]["n_images"] == 256
     with pytest.raises(ValueError, match=r"\?key=value"):
         config.load(["grid=single", "?prior.n_images"])
+
+
+def test_lambda_has_one_name_and_the_old_spelling_still_works(caplog):
+    """loss.lambda in configs, `lambda` in records and tables; loss.weight=... still works."""
+    _, (new,) = config.load(["grid=single", "loss.lambda=3"])
+    _, (old,) = config.load(["grid=single", "loss.weight=3"])
+    assert new.cfg == old.cfg and new.cfg["loss"]["lambda"] == 3 and "weight" not in new.cfg["loss"]
+    assert "loss.weight is now loss.lambda" in caplog.text
+    assert new.keys["lambda"] == 3
+    from priors import LOSSES
+    from priors.base import ExactTeacher
+    from priors.analytic import GaussianPrior
+    prior = GaussianPrior((4, 8, 8))
+    dm = LOSSES.get("dm").from_config({k: v for k, v in new.cfg["loss"].items() if k != "name"}, inputs={},
+                                      latent_shape=(4, 8, 8), num_classes=10, prior=prior)
+    assert dm.weight == 3 and dm.describe()["lambda"] == 3 and isinstance(dm.teacher, ExactTeacher)

@@ -20,7 +20,7 @@ BAD = [
      ["plugin module 'no_such_plugin_module'", "failed to import"]),
     ("bad-teacher", ["loss=dm", "loss.teacher=magic"], ["loss.teacher must be auto, exact or trained", "magic"]),
     ("one-sample", ["eval.n_samples=1"], ["eval.n_samples and eval.n_ref must be at least 2"]),
-    ("negative-lambda", ["loss.weight=-1"], ["loss.weight (lambda) must be a finite number >= 0", "-1"]),
+    ("negative-lambda", ["loss.lambda=-1"], ["loss.lambda must be a finite number >= 0", "-1"]),
     ("unknown-detector", ["eval.detector=dinov2"], ["unknown detector 'dinov2'", "inception-v3-compat"]),
     ("misspelled-key", ["+loss.teacher_stepz=5"], ["`loss.teacher_stepz`", "did you mean `loss.teacher_steps`"]),
     ("preset-does-not-fit-dataset", ["tokenizer=paper-in256", "generator=paper-in256"],

@@ -17,7 +17,7 @@ def test_default_grid_has_dm_and_kl_cells():
 
 
 def test_command_line_overrides_win_over_cells():
-    _, cells = config.load(["prior=gmm", "loss.weight=3"])
+    _, cells = config.load(["prior=gmm", "loss.lambda=3"])
     assert {c.keys["prior"] for c in cells} == {"gmm"}
     # the kl cell keeps its own loss group but the user's weight applies everywhere
     assert {c.keys["lambda"] for c in cells} == {3.0}

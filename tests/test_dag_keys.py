@@ -49,7 +49,7 @@ def base_keys(tmp_path_factory):
     ("generator.reproduces=prose", set()),     # documentation keys never enter a key
     ("tokenizer.lr=0.5", DOWN_OF_TOKENIZER),
     ("+tokenizer.description=prose", set()),
-    ("loss.weight=2", DOWN_OF_TOKENIZER),
+    ("loss.lambda=2", DOWN_OF_TOKENIZER),
     ("loss.teacher_steps=10", {"teacher"} | DOWN_OF_TOKENIZER),
     ("loss.teacher_lr=0.01", {"teacher"} | DOWN_OF_TOKENIZER),
     ("loss.teacher_batch_size=64", {"teacher"} | DOWN_OF_TOKENIZER),

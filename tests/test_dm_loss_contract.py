@@ -167,7 +167,7 @@ def test_init_attributes_and_fake_copy():
     assert isinstance(loss_fn.fake_opt, torch.optim.AdamW)
     assert group["lr"] == 1e-3 and group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.1
     assert {id(p) for p in group["params"]} == {id(p) for p in loss_fn.fake.parameters()}
-    assert loss_fn.describe() == {"loss_weight": 1.0, "dm_teacher": "exact", "dm_cfg": 3.0,
+    assert loss_fn.describe() == {"lambda": 1.0, "dm_teacher": "exact", "dm_cfg": 3.0,
                                   "dm_t_range": [0.0, 1.0], "dm_vae_train_every": 4}
 
 

@@ -54,7 +54,7 @@ def _cell(root: Path, idx: int, prior: str, loss: str, lam: float, seed: int, ge
             _png(d / "samples.png", (51, 51), 40 + idx)
         if stage == "recon_eval":
             _png(d / "reconstructions.png", (81, 11), 90 + idx)
-    cfg = {"prior": {"name": prior}, "loss": {"name": loss, "weight": lam}, "seed": seed,
+    cfg = {"prior": {"name": prior}, "loss": {"name": loss, "lambda": lam}, "seed": seed,
            "generator": {"preset": generator, "steps": GEN_STEPS[generator], "batch_size": 128, "train_images": 20000}}
     label = f"{prior}/{loss}(λ={lam:g})/s{seed}"
     return {"label": label, "keys": keys, "nodes": nodes}, cfg

@@ -134,7 +134,7 @@ def test_state_round_trip_resumes_exactly(name):
     b.update(z, _labels(8), 3)
     for k, v in a.state_dict().items():
         assert torch.equal(v, b.state_dict()[k])
-    assert b.describe()["loss_weight"] == a.weight
+    assert b.describe()["lambda"] == a.weight
 
 
 def test_adversarial_update_changes_only_the_discriminator():
@@ -206,10 +206,10 @@ def test_align_update_fits_the_projection_towards_the_features():
 @pytest.mark.parametrize("name", ["mmd", "swd", "adversarial", "align"])
 def test_yaml_config_builds_the_loss(name):
     cfg = yaml.safe_load((CONF / f"{name}.yaml").read_text())
-    assert cfg.pop("name") == name and "weight" in cfg
+    assert cfg.pop("name") == name and "lambda" in cfg
     prior = FeaturePrior(torch.randn(4, 6, 4, 4)) if name == "align" else _gauss()
-    loss_fn = LOSSES.get(name)(**cfg, latent_shape=SHAPE, num_classes=3, prior=prior)
-    assert loss_fn.weight == cfg["weight"] and loss_fn.tokenizer_every == 1
+    loss_fn = LOSSES.get(name).from_config(cfg, inputs={}, latent_shape=SHAPE, num_classes=3, prior=prior)
+    assert loss_fn.weight == cfg["lambda"] and loss_fn.tokenizer_every == 1
     loss, _ = loss_fn(torch.randn(4, *SHAPE), _labels(4), 0)
     assert torch.isfinite(loss)
 

@@ -103,7 +103,7 @@ def test_generator_eval_and_loss_numbers():
     assert _quoted(r"teacher ([\d,]+) steps of ([\d,]+)\)") == (dm["teacher_steps"], dm["teacher_batch_size"])
     assert _quoted(r"`vae_train_every` \((\d+)\)") == (dm["vae_train_every"],)
     kl = _cfg("loss=kl")["loss"]
-    assert _quoted(r"\| `kl` \|[^|]*\| weight ([\d.e-]+) ") == (kl["weight"],)
+    assert _quoted(r"\| `kl` \|[^|]*\| lambda ([\d.e-]+) ") == (kl["lambda"],)
     gmm = _cfg("prior=gmm")["prior"]
     assert _quoted(r"\| `gmm` \| `gmm` \| GMM \| (\d+) isotropic components") == (gmm["num_components"],)
 

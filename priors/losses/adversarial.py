@@ -92,5 +92,5 @@ class AdversarialMatching(MatchingLoss):
         self.rng.set_state(state["rng"])
 
     def describe(self) -> dict[str, Any]:
-        return {"loss_weight": self.weight, "adv_hidden": self.hidden, "adv_depth": self.depth,
+        return {"lambda": self.weight, "adv_hidden": self.hidden, "adv_depth": self.depth,
                 "adv_r1_gamma": self.r1_gamma}

@@ -126,5 +126,5 @@ class FoundationAlignment(MatchingLoss):
         self.proj_opt.load_state_dict(state["proj_opt"])
 
     def describe(self) -> dict[str, Any]:
-        return {"loss_weight": self.weight, "align_feature_dim": self.feature_dim,
+        return {"lambda": self.weight, "align_feature_dim": self.feature_dim,
                 "align_cos_margin": self.cos_margin, "align_distmat_margin": self.distmat_margin}

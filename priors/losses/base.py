@@ -17,6 +17,17 @@ import torch
 from torch import nn
 
 
+def config_kwargs(cls: type, loss_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Constructor arguments from a ``loss`` section: ``lambda`` (the config's, the records' and
+    the tables' one name for the weight; ``lambda`` is a Python keyword, so the constructors
+    call it ``weight``) and the keys the class reads itself, less those another stage reads."""
+    elsewhere = set(getattr(cls, "config_keys_read_elsewhere", ()))
+    out = {k: v for k, v in loss_cfg.items() if k not in elsewhere and k not in ("name", "lambda")}
+    if "lambda" in loss_cfg:
+        out["weight"] = loss_cfg["lambda"]
+    return out
+
+
 class MatchingLoss(nn.Module):
     needs_posterior = False     # True: forward needs the encoder's (mean, logvar)
     tokenizer_every = 1
@@ -32,9 +43,9 @@ class MatchingLoss(nn.Module):
     @classmethod
     def validate(cls, cfg: dict[str, Any]) -> None:
         """Reject a bad ``loss`` config before any stage runs (``cfg`` is the whole cell)."""
-        weight = cfg["loss"].get("weight", 0.0)
+        weight = cfg["loss"].get("lambda", 0.0)
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"loss.weight (lambda) must be a finite number >= 0, got {weight!r}")
+            raise ValueError(f"loss.lambda must be a finite number >= 0, got {weight!r}")
 
     @classmethod
     def from_config(cls, loss_cfg: dict[str, Any], *, inputs: dict[str, Any], **runner_args: Any) -> "MatchingLoss":
@@ -44,8 +55,7 @@ class MatchingLoss(nn.Module):
         params = inspect.signature(cls.__init__).parameters
         takes_all = any(p.kind is p.VAR_KEYWORD for p in params.values())
         given = {k: v for k, v in runner_args.items() if takes_all or k in params}
-        elsewhere = set(getattr(cls, "config_keys_read_elsewhere", ()))  # e.g. the teacher stage's keys
-        return cls(**{k: v for k, v in loss_cfg.items() if k not in elsewhere}, **given)
+        return cls(**config_kwargs(cls, loss_cfg), **given)
 
     def __init__(self, weight: float = 1.0) -> None:
         super().__init__()
@@ -69,4 +79,4 @@ class MatchingLoss(nn.Module):
 
     def describe(self) -> dict[str, Any]:
         """Facts recorded with every result (e.g. which teacher the dm loss used)."""
-        return {"loss_weight": self.weight}
+        return {"lambda": self.weight}

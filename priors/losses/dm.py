@@ -16,7 +16,7 @@ from torch import nn
 from generators import build_generator, flow_matching_loss, guided_velocity, sample_t
 from generators import interpolate, velocity_to_x1
 from priors.base import ExactTeacher
-from priors.losses.base import MatchingLoss
+from priors.losses.base import MatchingLoss, config_kwargs
 from priors.registry import LOSSES
 
 
@@ -79,8 +79,7 @@ class DistributionMatching(MatchingLoss):
         kind = "trained" if teacher is not None else "exact"
         if teacher is None:
             teacher = ExactTeacher(prior)
-        args = {k: v for k, v in loss_cfg.items() if k not in cls.config_keys_read_elsewhere}
-        return cls(**args, teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
+        return cls(**config_kwargs(cls, loss_cfg), teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
                    num_classes=runner_args["num_classes"])
 
     def __init__(self, weight: float = 1.0, *, teacher: nn.Module, latent_shape: tuple[int, ...],
@@ -149,6 +148,6 @@ class DistributionMatching(MatchingLoss):
         self.fake_opt.load_state_dict(state["fake_opt"])
 
     def describe(self) -> dict[str, Any]:
-        return {"loss_weight": self.weight, "dm_teacher": self.teacher_kind,
+        return {"lambda": self.weight, "dm_teacher": self.teacher_kind,
                 "dm_cfg": self.cfg_scale, "dm_t_range": list(self.t_range),
                 "dm_vae_train_every": self.tokenizer_every}

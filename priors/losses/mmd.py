@@ -111,5 +111,5 @@ class MMDMatching(MatchingLoss):
         self.rng.set_state(state["rng"])
 
     def describe(self) -> dict[str, Any]:
-        return {"loss_weight": self.weight, "mmd_kernel": "rbf-mixture/median",
+        return {"lambda": self.weight, "mmd_kernel": "rbf-mixture/median",
                 "mmd_bandwidth_multipliers": list(self.multipliers)}

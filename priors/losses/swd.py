@@ -66,4 +66,4 @@ class SlicedWasserstein(MatchingLoss):
         self.rng.set_state(state["rng"])
 
     def describe(self) -> dict[str, Any]:
-        return {"loss_weight": self.weight, "swd_projections": self.n_projections}
+        return {"lambda": self.weight, "swd_projections": self.n_projections}
