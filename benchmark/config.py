@@ -221,8 +221,7 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
                 raise ValueError(f"latent grid {side}x{side} is not divisible by the generator patch size {patch}")
             ev = c["eval"]
             for det in [ev["detector"], *ev.get("extra_detectors", [])]:
-                if det not in DETECTORS:
-                    raise RegistryError(f"unknown detector {det!r}. Known detectors: {', '.join(sorted(DETECTORS))}")
+                DETECTORS.get(det)  # an unknown name lists the known ones (plug-ins' included)
             if ev["n_samples"] < 2 or ev["n_ref"] < 2:
                 raise ValueError("eval.n_samples and eval.n_ref must be at least 2 for a covariance")
         except (ValueError, LookupError) as exc:

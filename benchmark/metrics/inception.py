@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from benchmark.registry import Registry
+
 log = logging.getLogger(__name__)
 
 # torch-fidelity 0.4.0 feature_extractor_inceptionv3.URL_INCEPTION_V3 names this file; torch.hub
@@ -242,19 +244,20 @@ def _build_mobilenet(precision: str) -> Detector:
                     precision, False, net)
 
 
-# Registry names are the public API (results record them).
-DETECTORS: dict[str, Callable[[str], Detector]] = {
-    "inception-v3-compat": _build_inception,
-    "mobilenet_v2-imagenet": _build_mobilenet,
-}
+# Registry names are the public API (results record them). A plug-in adds a detector with
+# DETECTORS.register(name)(builder), builder(precision) -> Detector (entry-point group
+# dmvae_bench.detectors).
+DETECTORS: Registry[Callable[[str], Detector]] = Registry("detector")
+DETECTORS.register("inception-v3-compat")(_build_inception)
+DETECTORS.register("mobilenet_v2-imagenet")(_build_mobilenet)
 
 
 def build_detector(name: str = "inception-v3-compat", precision: str = "fp32") -> Detector:
     if name not in DETECTORS:
-        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(sorted(DETECTORS))}")
+        raise ValueError(f"unknown detector {name!r}; known detectors: {', '.join(DETECTORS.names())}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return DETECTORS[name](precision)
+    return DETECTORS.get(name)(precision)
 
 
 def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
