@@ -19,7 +19,6 @@ import os
 import shutil
 import subprocess
 from datetime import datetime, timezone
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from importlib import import_module
 from pathlib import Path
 
 from benchmark import config, dag, distributed

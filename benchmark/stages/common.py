@@ -10,7 +10,6 @@ from benchmark.dag import Node, latent_shape
 from benchmark.data import ImageSet, load_images, subset
 from benchmark.settings import DatasetSettings, EvalSettings
 from benchmark.store import load_torch
-from tokenizers import encode_all  # noqa: F401  (the stages' import point; tokenizers has the code)
 
 
 def dataset_settings(cfg: dict[str, Any]) -> DatasetSettings:

@@ -27,9 +27,10 @@ from benchmark.dag import Node, latent_shape
 from benchmark.data import subset
 from benchmark.distributed import DistInfo
 from benchmark.settings import DatasetSettings, GeneratorSettings
-from benchmark.stages.common import dataset, encode_all, load_tokenizer
+from benchmark.stages.common import dataset, load_tokenizer
 from benchmark.store import save_torch, stable_hash
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
+from tokenizers import encode_all
 from generators import EMA, build_generator, interpolate, sample_t, velocity_target
 
 log = logging.getLogger(__name__)

@@ -33,12 +33,13 @@ from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.dag import Node, latent_shape
-from benchmark.stages.common import build_tokenizer_for, dataset, encode_all, load_prior, load_tokenizer
+from benchmark.stages.common import build_tokenizer_for, dataset, load_prior, load_tokenizer
 from benchmark.data import subset
 from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from priors import LOSSES
+from tokenizers import encode_all
 from tokenizers.losses import PatchGAN, adaptive_weight, build_perceptual, hinge_d_loss, hinge_g_loss, pixel_loss
 
 log = logging.getLogger(__name__)
