@@ -8,9 +8,17 @@ folder itself), every figure as PNG and PDF:
     tradeoff.{png,pdf}         rFID and PSNR against gFID, mean ± std over seeds
     gfid_vs_lambda.{png,pdf}   gFID against the matching-loss weight (only if some line has 2+ lambdas)
     gfid_vs_epochs.{png,pdf}   gFID against the generator's epochs (only if cells differ in epochs)
+    ranking.{png,pdf}          each prior's mean with its 95% interval over seeds, best first
+    convergence.{png,pdf}, convergence.md   gFID against generator training (EMA snapshots at
+                               25/50/75/100%) and whether the ranking is the same at each snapshot
+                               (only if results.csv has snapshot columns)
     samples_<prior>.{png,pdf}  samples and reconstructions, one row per cell of that prior
-    ranking.csv, ranking.md, ranking_spearman.csv   our ranking of the priors beside the paper's Table 1
+    ranking.csv, ranking.md, ranking_spearman.csv   our ranking of the priors beside the paper's Table 1,
+                               with Welch's test between neighbours and a seed-bootstrap interval for rho
     manifest.json              what was drawn (title, caption) and what was skipped, and why
+
+"gFID" above is the sweep's primary generation metric: FD in the features of a classifier trained
+on the dataset (``fd_domain``) where the sweep has it, else Inception's gFID (``gfid``).
 
 and the paper's own figures from its tables into ``<out>/paper/figures/``. Then it writes the
 HTML report of each sweep (``benchmark.report``). Figures that a sweep cannot support are not
@@ -21,14 +29,17 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
-from benchmark.aggregate import (KEY_COLS, SETTING, NothingToPlot as Skip, over_seeds,
-                                 point_name as _name, tradeoff_figure)
+from benchmark.aggregate import (DOMAIN_METRICS, INTERVAL_METRICS, KEY_COLS, LABELS, SETTING, NothingToPlot as Skip,
+                                 as_float, floor_sentence, floor_values, mean_pm, over_seeds, palette,
+                                 point_name as _name, primary_metric, tradeoff_figure)
 from benchmark.export import PAPER_DIR, find_sweeps
 from benchmark.store import read_json, save_figure, write_json, write_text
 
@@ -61,11 +72,17 @@ PAPER_ROW_OF_PRIOR = {
 PAPER_LOSS, BASELINE_LOSS, BASELINE_ROW = "dm", "kl", "VAE baseline"
 MIN_SHARED = 3  # Spearman's rho over fewer than 3 pairs is +-1 or undefined: not a finding
 
-METRICS = ["gfid", "rfid", "psnr"]
-RANKING_COLS = SETTING + ["prior", "loss", "lambda", "n_seeds", "gfid", "gfid_std", "rfid", "psnr", "rank",
+METRICS = ["gfid", "rfid", "psnr"]  # always numeric columns of a loaded sweep (empty when absent)
+RANKING_COLS = SETTING + ["prior", "loss", "lambda", "tokenizer_design", "n_seeds", "metric", "mean", "std", "ci95",
+                          "rank", "p_vs_next", "vs_next", "gfid", "gfid_std", "rfid", "psnr",
                           "paper_reference", "paper_gfid_5k", "paper_rank", "in_correlation",
                           "rank_shared", "paper_rank_shared", "note"]
-SPEARMAN_COLS = SETTING + ["n_shared", "spearman_rho", "p_value", "shared", "note"]
+SPEARMAN_COLS = SETTING + ["metric", "n_shared", "spearman_rho", "p_value", "rho_lo", "rho_hi", "n_boot",
+                           "shared", "note"]
+ALPHA = 0.05         # two neighbours are "distinct" when Welch's test gives p below this
+N_BOOT = 2000        # bootstrap resamples of the seeds for the interval of Spearman's rho
+BOOT_SEED = 0        # fixed: the interval is reproducible from results.csv alone
+SNAP = re.compile(r"^snap(\d{3})_(.+)$")  # snapNNN_<metric>: the EMA model at NNN% of generator training
 IMAGES = (("samples.png", "generated samples (one row per class)"),
           ("reconstructions.png", "reconstructions (top: held-out images, bottom: decoded)"))
 
@@ -123,6 +140,10 @@ def load_sweep(sweep_dir: Path) -> pd.DataFrame:
         wide = wide.merge(cells.drop_duplicates(KEY_COLS), on=KEY_COLS, how="left")
     for m in METRICS:
         wide[m] = pd.to_numeric(wide.get(m), errors="coerce")
+    # The other metric columns where the sweep has them, as numbers even where read_csv guessed text.
+    bounds = {f"{m}_{end}" for m in INTERVAL_METRICS for end in ("lo", "hi")}
+    for c in [c for c in wide.columns if c in DOMAIN_METRICS or c in bounds or c.startswith("floor_") or SNAP.match(c)]:
+        wide[c] = pd.to_numeric(wide[c], errors="coerce")
     if "status" not in wide:
         wide["status"] = "done"
     return wide
@@ -150,24 +171,128 @@ def read_paper_table(results: Path, name: str) -> pd.DataFrame | None:
 
 # ---------------------------------------------------------------- ranking (table 5)
 
-def ranking(wide: pd.DataFrame, paper: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Our priors ranked by gFID (lower is better) beside the paper's Table 1, per setting.
+def seed_values(wide: pd.DataFrame, keys: list[str], metric: str) -> dict[tuple, np.ndarray]:
+    """The per-seed values of ``metric`` of the finished cells of each group of ``keys``: what
+    over_seeds averages, kept apart for the tests and the bootstrap. Keyed by the group's values
+    as strings (see _key), so a float or NaN key finds its group again."""
+    done = wide[wide["status"] == "done"]
+    out = {}
+    for key, grp in done.groupby(keys, dropna=False, sort=False):
+        vals = pd.to_numeric(grp[metric], errors="coerce").dropna().to_numpy(dtype=float)
+        if len(vals):
+            out[_key(key if isinstance(key, tuple) else (key,))] = vals
+    return out
 
-    One row per (setting, prior, loss), at its best lambda (lowest mean gFID over seeds): the
-    paper reports each reference at its own tuned lambda (10 data-derived, 1 synthetic). Returns
-    (ranking, spearman), spearman with one row per setting.
-    """
+
+def _key(values: Any) -> tuple[str, ...]:
+    return tuple(str(v) for v in values)
+
+
+def welch(a: np.ndarray, b: np.ndarray, alpha: float = ALPHA) -> tuple[float, str]:
+    """(p, verdict): can two priors' seed values be told apart? Welch's two-sided t-test (unequal
+    variances; Welch 1947, Biometrika 34:28) via scipy.stats.ttest_ind(equal_var=False). It needs
+    a variance on both sides: with one seed, or no spread at all, the answer is 'cannot tell'."""
+    from scipy.stats import ttest_ind
+    n = min(len(a), len(b))
+    if n < 2:
+        return math.nan, f"cannot tell ({n} seed)"
+    if np.var(a) == 0 and np.var(b) == 0:  # scipy answers p = 0 here: a zero standard error, no test
+        return math.nan, "cannot tell (no spread over seeds)"
+    p = float(ttest_ind(a, b, equal_var=False).pvalue)
+    return p, f"{'distinct' if p < alpha else 'cannot tell'} (p = {p:.2g})"
+
+
+def spearman_rows(x: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Spearman's rho of every row of x (B x k) with ref (k): Pearson's r of the average ranks,
+    which is what scipy.stats.spearmanr computes (ties share the mean rank); NaN for a row whose
+    ranks are all tied."""
+    from scipy.stats import rankdata
+    rx = rankdata(x, axis=1)
+    rx -= rx.mean(axis=1, keepdims=True)
+    rr = rankdata(ref) - (len(ref) + 1) / 2
+    den = np.sqrt((rx ** 2).sum(axis=1) * (rr ** 2).sum())
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, rx @ rr / den, math.nan)
+
+
+def bootstrap_spearman(values: list[np.ndarray], ref: np.ndarray, n_boot: int = N_BOOT,
+                       seed: int = BOOT_SEED) -> tuple[float, float, int]:
+    """Percentile 95% interval of Spearman's rho between the per-prior means and ``ref`` when each
+    prior's seeds are resampled with replacement (Efron & Tibshirani 1993, ch. 13): the paper's
+    values are fixed, only our seed noise varies. Returns (lo, hi, resamples with a defined rho)."""
+    rng = np.random.default_rng(seed)
+    means = np.empty((n_boot, len(values)))
+    for j, v in enumerate(values):
+        means[:, j] = v[rng.integers(0, len(v), size=(n_boot, len(v)))].mean(axis=1)
+    rho = spearman_rows(means, np.asarray(ref, dtype=float))
+    ok = rho[np.isfinite(rho)]
+    if not len(ok):
+        return math.nan, math.nan, 0
+    lo, hi = np.percentile(ok, [2.5, 97.5])
+    return float(lo), float(hi), len(ok)
+
+
+def _best_lambda(grp: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per (prior, loss): the lambda with the lowest mean; the paper reports each reference
+    at its own tuned lambda (10 data-derived, 1 synthetic). Rows come out sorted, best first."""
+    return grp.sort_values(metric, kind="mergesort").drop_duplicates(["prior", "loss"])
+
+
+def _neighbours(vals: list[np.ndarray]) -> tuple[list[float], list[str | None]]:
+    """Welch's test of each ranked prior against the next one down (the last has none)."""
+    tests = [welch(a, b) for a, b in zip(vals, vals[1:])] + [(math.nan, None)]
+    return [p for p, _ in tests], [v for _, v in tests]
+
+
+def _spearman_row(setting: tuple, metric: str, shared: pd.DataFrame, vals: list[np.ndarray],
+                  paper: pd.DataFrame | None, n_boot: int, boot_seed: int) -> dict[str, Any]:
     from scipy.stats import spearmanr
+    row = dict(zip(SETTING, setting), metric=metric, n_shared=len(shared), spearman_rho=math.nan, p_value=math.nan,
+               rho_lo=math.nan, rho_hi=math.nan, n_boot=0,
+               shared=", ".join(f"{p}/{l}={r}" for p, l, r in zip(shared["prior"], shared["loss"], shared["paper_reference"])))
+    if paper is None:
+        return row | {"note": f"undefined: the paper's table ({PAPER_DIR}/{PAPER_TABLE1}) is missing"}
+    if len(shared) < MIN_SHARED:
+        return row | {"note": f"undefined: {len(shared)} prior(s) shared with the paper's Table 1, "
+                              f"Spearman's rho needs at least {MIN_SHARED}"}
+    rho, p = spearmanr(shared["mean"], shared["paper_gfid_5k"])
+    if math.isnan(rho):
+        return row | {"note": "undefined: one of the two rankings is constant (ties)"}
+    lo, hi, n_ok = bootstrap_spearman(vals, shared["paper_gfid_5k"].to_numpy(float), n_boot, boot_seed)
+    note = (f"computed over {len(shared)} shared priors; 95% interval: {n_boot} bootstrap resamples of the "
+            f"seeds within each prior (numpy seed {boot_seed}), percentiles 2.5-97.5")
+    if n_ok < n_boot:
+        note += f" ({n_boot - n_ok} resamples with all-tied ranks left out)"
+    if max(len(v) for v in vals) < 2:
+        note += "; every shared prior has one seed, so the interval shows no seed noise"
+    return row | dict(spearman_rho=float(rho), p_value=float(p), rho_lo=lo, rho_hi=hi, n_boot=n_ok, note=note)
 
-    summ = over_seeds(wide, SETTING + ["prior", "loss", "lambda"], METRICS, require="gfid", sort=True)
+
+def ranking(wide: pd.DataFrame, paper: pd.DataFrame | None, n_boot: int = N_BOOT,
+            boot_seed: int = BOOT_SEED) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Our priors ranked by the primary metric's mean over seeds (lower is better) beside the
+    paper's Table 1, per setting.
+
+    One row per (setting, prior, loss), at its best lambda (lowest mean over seeds), with the mean,
+    std and 95% t-interval half-width over seeds, and Welch's test against the next prior down.
+    Returns (ranking, spearman), spearman with one row per setting: rho of our means against the
+    paper's gFID-5K over the shared priors, its p-value, and a seed-bootstrap interval.
+    """
+    metric = primary_metric(wide)
+    group = SETTING + ["prior", "loss", "lambda"]
+    summ = over_seeds(wide, group, list(dict.fromkeys([metric, "gfid", "rfid", "psnr"])), require=metric, sort=True)
+    seeds = seed_values(wide, group, metric)
     paper_gfid, paper_rank = {}, {}
     if paper is not None:
         paper_gfid = dict(zip(paper["reference"], paper["gfid_5k"]))
         paper_rank = dict(zip(paper["reference"], paper["gfid_5k"].rank(method="min").astype(int)))
     rows, corr = [], []
     for setting, grp in summ.groupby(SETTING, sort=True):
-        best = grp.sort_values("gfid").drop_duplicates(["prior", "loss"])
-        best = best.assign(rank=best["gfid"].rank(method="min").astype(int))
+        best = _best_lambda(grp, metric)
+        best = best.assign(metric=metric, mean=best[metric], std=best[f"{metric}_std"], ci95=best[f"{metric}_ci95"],
+                           rank=best[metric].rank(method="min").astype(int))
+        vals = [seeds[_key(r[k] for k in group)] for _, r in best.iterrows()]
+        best["p_vs_next"], best["vs_next"] = _neighbours(vals)
         best["paper_reference"] = [paper_reference(p, l) for p, l in zip(best["prior"], best["loss"])]
         best["paper_gfid_5k"] = best["paper_reference"].map(paper_gfid)
         best["paper_rank"] = best["paper_reference"].map(paper_rank).astype("Int64")
@@ -175,30 +300,18 @@ def ranking(wide: pd.DataFrame, paper: pd.DataFrame | None) -> tuple[pd.DataFram
         best["in_correlation"] = best["paper_gfid_5k"].notna() & ~best.duplicated("paper_reference")
         # Ranks among the shared priors only: the two columns a reader compares side by side.
         shared = best[best["in_correlation"]]
-        best["rank_shared"] = shared["gfid"].rank(method="min").astype("Int64")
+        best["rank_shared"] = shared["mean"].rank(method="min").astype("Int64")
         best["paper_rank_shared"] = shared["paper_gfid_5k"].rank(method="min").astype("Int64")
         rows.append(best)
-        row = dict(zip(SETTING, setting), n_shared=len(shared), spearman_rho=math.nan, p_value=math.nan,
-                   shared=", ".join(f"{p}/{l}={r}" for p, l, r in zip(shared["prior"], shared["loss"], shared["paper_reference"])))
-        if paper is None:
-            row["note"] = f"undefined: the paper's table ({PAPER_DIR}/{PAPER_TABLE1}) is missing"
-        elif len(shared) < MIN_SHARED:
-            row["note"] = (f"undefined: {len(shared)} prior(s) shared with the paper's Table 1, "
-                           f"Spearman's rho needs at least {MIN_SHARED}")
-        else:
-            rho, p = spearmanr(shared["gfid"], shared["paper_gfid_5k"])
-            if math.isnan(rho):
-                row["note"] = "undefined: one of the two rankings is constant (ties)"
-            else:
-                row.update(spearman_rho=float(rho), p_value=float(p),
-                           note=f"computed over {len(shared)} shared priors")
-        corr.append(row)
+        shared_vals = [v for v, keep in zip(vals, best["in_correlation"]) if keep]
+        corr.append(_spearman_row(setting, metric, shared, shared_vals, paper, n_boot, boot_seed))
     # Priors whose every cell failed: listed without a rank, so the table says why they are missing.
     failed = wide[~wide.set_index(SETTING + ["prior", "loss"]).index.isin(
         summ.set_index(SETTING + ["prior", "loss"]).index)]
     if len(failed):
         f = failed.drop_duplicates(SETTING + ["prior", "loss"])[SETTING + ["prior", "loss", "lambda"]].copy()
         f["n_seeds"] = 0
+        f["metric"] = metric
         f["paper_reference"] = [paper_reference(p, l) for p, l in zip(f["prior"], f["loss"])]
         f["in_correlation"] = False
         f["note"] = [_why_unranked(wide, r) for _, r in f.iterrows()]
@@ -217,25 +330,65 @@ def _why_unranked(wide: pd.DataFrame, row: pd.Series) -> str:
                                  f" (status: {', '.join(sorted(set(cells['status'].astype(str))))})")
 
 
-def ranking_markdown(table: pd.DataFrame, corr: pd.DataFrame) -> str:
+RANKING_NOTE = (
+    "Ours: best lambda per (prior, loss), ranked by the mean over seeds of finished cells of `{metric}` "
+    "(the primary metric: `fd_domain` where the sweep has it, else `gfid`), shown as mean ± std [± half-width "
+    "of the 95% Student-t interval]. `vs_next`: Welch's t-test (two-sided, unequal variances, "
+    "scipy.stats.ttest_ind with equal_var=False) of this prior's seed values against those of the next "
+    "prior down; `distinct` when p < {alpha:g}, no correction for the several comparisons; it needs two "
+    "seeds on both sides. Paper: gFID-5K on ImageNet 256 (arXiv 2512.07778 v2, Table 1). Only ranks are "
+    "comparable, not the numbers. Spearman's p-value is scipy.stats.spearmanr's (t approximation); its "
+    "interval resamples the seeds of each prior with replacement and recomputes the means and rho (the "
+    "paper's values and the lambda choice stay fixed); with two seeds a prior's resampled mean takes only "
+    "three values, so that interval is coarse and narrower than the real uncertainty (it cannot see seeds "
+    "we did not run).\n")
+
+
+def _ranking_display(sub: pd.DataFrame, metric: str) -> tuple[pd.DataFrame, list[str]]:
+    """The ranking rows as the Markdown shows them: the metric as `mean ± std [±ci95]`."""
+    disp = sub.astype(object).where(sub.notna(), None)  # pd.NA -> "–" like every other empty cell
+    disp[metric] = [mean_pm(m, s, c) if n else None
+                    for m, s, c, n in zip(sub["mean"], sub["std"], sub["ci95"], sub["n_seeds"])]
+    cols = ["prior", "loss", "lambda", "tokenizer_design", "n_seeds", metric, "rank", "vs_next"]
+    if metric != "gfid":
+        disp["gfid"] = [mean_pm(m, s) for m, s in zip(sub["gfid"], sub["gfid_std"])]
+        cols.append("gfid")
+    cols += ["rfid", "psnr", "paper_reference", "paper_gfid_5k", "paper_rank", "in_correlation", "rank_shared",
+             "paper_rank_shared", "note"]
+    return disp, cols
+
+
+def _rho_sentence(c: pd.DataFrame) -> str:
+    if c.empty:
+        return "Spearman's rho: undefined: no finished cell in this setting"
+    r = c.iloc[0]
+    if math.isnan(r["spearman_rho"]):
+        return f"Spearman's rho: {r['note']}"
+    text = f"Spearman's rho = {r['spearman_rho']:.3f} (p = {r['p_value']:.3g}, n = {r['n_shared']}"
+    if not math.isnan(r["rho_lo"]):
+        text += (f"; 95% bootstrap interval over seeds [{r['rho_lo']:.3f}, {r['rho_hi']:.3f}], "
+                 f"B = {r['n_boot']}")
+    return text + ")"
+
+
+def ranking_markdown(table: pd.DataFrame, corr: pd.DataFrame,
+                     floors: dict[str, dict[str, float]] | None = None) -> str:
+    """ranking.md; ``floors`` (aggregate.floor_values) adds the real-vs-real floor under each table."""
     from benchmark.aggregate import markdown
-    md = ["# Ranking of the priors by gFID (lower is better) beside the paper's Table 1\n",
-          "Ours: best lambda per (prior, loss), mean over seeds of finished cells. Paper: gFID-5K on "
-          "ImageNet 256 (arXiv 2512.07778 v2, Table 1). Only ranks are comparable, not the numbers.\n"]
+    metric = str(table["metric"].dropna().iloc[0]) if "metric" in table and table["metric"].notna().any() else "gfid"
+    md = [f"# Ranking of the priors by {LABELS.get(metric, metric)} (lower is better) beside the paper's Table 1\n",
+          RANKING_NOTE.format(metric=metric, alpha=ALPHA)]
     settings = table[SETTING].astype(str).drop_duplicates().sort_values(SETTING)
     for setting in settings.itertuples(index=False):
         sub = table[(table[SETTING].astype(str) == list(setting)).all(axis=1)]
         md.append(f"## {' / '.join(setting)}\n")
-        sub = sub.astype(object).where(sub.notna(), None)  # pd.NA -> "–" like every other empty cell
-        md.append(markdown(sub, [k for k in RANKING_COLS if k not in SETTING]))
+        disp, cols = _ranking_display(sub, metric)
+        md.append(markdown(disp, cols))
+        if floors is not None:
+            vals = floors.get(setting[0], {})
+            md.append("\n" + floor_sentence({m: v for m, v in vals.items() if m in (metric, "gfid")}))
         c = corr[(corr[SETTING].astype(str) == list(setting)).all(axis=1)]
-        if c.empty:
-            rho = "Spearman's rho: undefined: no finished cell in this setting"
-        elif not math.isnan(c["spearman_rho"].iloc[0]):
-            rho = f"Spearman's rho = {c['spearman_rho'].iloc[0]:.3f} (p = {c['p_value'].iloc[0]:.3g}, n = {c['n_shared'].iloc[0]})"
-        else:
-            rho = f"Spearman's rho: {c['note'].iloc[0]}"
-        md.append(f"\n{rho}.\n")
+        md.append(f"\n{_rho_sentence(c)}.\n")
     if table.empty:
         md.append("No cells: nothing to rank.\n")
     return "\n".join(md)
@@ -262,26 +415,28 @@ def _save(fig: Any, out: Path, stem: str) -> list[str]:
     return [f"{stem}.png", f"{stem}.pdf"]
 
 
-def _series_lines(wide: pd.DataFrame, x: str, group: list[str], title: str, xlabel: str, logx: bool) -> Any:
+def _series_lines(wide: pd.DataFrame, x: str, group: list[str], title: str, xlabel: str, logx: bool,
+                  metric: str = "gfid") -> Any:
     import matplotlib.pyplot as plt
     import seaborn as sns
-    done = wide[(wide["status"] == "done") & wide["gfid"].notna()].copy()
+    done = wide[(wide["status"] == "done") & wide[metric].notna()].copy()
     done["series"] = [_name(r, group) for _, r in done.iterrows()]
     done[x] = done[x].astype(float)
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    sns.lineplot(data=done.sort_values(x), x=x, y="gfid", hue="series", style="loss", markers=True, dashes=False,
+    sns.lineplot(data=done.sort_values(x), x=x, y=metric, hue="series", style="loss", markers=True, dashes=False,
                  estimator="mean", errorbar="sd", err_style="bars", err_kws={"capsize": 3}, ax=ax)
     if logx:
         ax.set_xscale("log")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("gFID (lower is better)")
+    ax.set_ylabel(f"{LABELS.get(metric, metric)} (lower is better)")
     ax.set_title(title)
     sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
     return fig
 
 
 def lambda_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
-    done = wide[(wide["status"] == "done") & wide["gfid"].notna()]
+    metric = primary_metric(wide)
+    done = wide[(wide["status"] == "done") & wide[metric].notna()]
     n = done.groupby(SETTING + ["prior", "loss"])["lambda"].nunique()
     if done.empty or n.max() < 2:
         lams = sorted(wide["lambda"].dropna().unique())
@@ -293,10 +448,11 @@ def lambda_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
     lam = done.loc[keep, "lambda"].astype(float)
     logx = bool((lam > 0).all() and lam.max() / lam.min() >= 10)
     group = ["prior", "loss"] + [k for k in SETTING if done[k].nunique() > 1]
-    fig = _series_lines(done[keep], "lambda", group, f"{title}: gFID against the matching-loss weight",
-                        "λ (loss.lambda)" + (", log scale" if logx else ""), logx)
+    label = LABELS.get(metric, metric)
+    fig = _series_lines(done[keep], "lambda", group, f"{title}: {label} against the matching-loss weight",
+                        "λ (loss.lambda)" + (", log scale" if logx else ""), logx, metric)
     single = done.loc[~keep].drop_duplicates(group)
-    caption = ("One line per (prior, loss), mean gFID over seeds at each lambda, bars ± one std. "
+    caption = (f"One line per (prior, loss), mean {label} over seeds at each lambda, bars ± one std. "
                "The paper's Table 2 varies lambda for its DINO prior (see the paper figures).")
     if len(single):
         caption += " Not shown (one lambda only): " + ", ".join(_name(r, group) for _, r in single.iterrows()) + "."
@@ -306,7 +462,9 @@ def lambda_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
 def epochs_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
     if "epochs" not in wide or wide["epochs"].isna().all():
         raise Skip("cell_configs.yaml is missing or does not match cells.json, so epochs are unknown")
-    done = wide[(wide["status"] == "done") & wide["gfid"].notna() & wide["epochs"].notna()]
+    metric = primary_metric(wide)
+    label = LABELS.get(metric, metric)
+    done = wide[(wide["status"] == "done") & wide[metric].notna() & wide["epochs"].notna()]
     if done["epochs"].round(6).nunique() < 2:
         ep = sorted(done["epochs"].round(3).unique())
         raise Skip(f"every finished cell's generator trains for the same number of epochs "
@@ -316,10 +474,10 @@ def epochs_figure(wide: pd.DataFrame, title: str) -> tuple[Any, str]:
     keep = done.set_index(group).index.isin(n[n >= 2].index)
     if not keep.any():
         raise Skip("cells differ in generator epochs, but no (prior, loss) has finished cells at two or more of them")
-    fig = _series_lines(done[keep], "epochs", group, f"{title}: gFID against generator training",
-                        "generator epochs (steps × batch / train images)", False)
+    fig = _series_lines(done[keep], "epochs", group, f"{title}: {label} against generator training",
+                        "generator epochs (steps × batch / train images)", False, metric)
     single = done.loc[~keep].drop_duplicates(group)
-    caption = ("One line per (prior, loss), mean gFID over seeds at each generator schedule, bars ± one std. "
+    caption = (f"One line per (prior, loss), mean {label} over seeds at each generator schedule, bars ± one std. "
                "Compare the shape with the paper's Table 3 (gFID-50K against epochs).")
     if len(single):
         caption += " Not shown (one schedule only): " + ", ".join(_name(r, group) for _, r in single.iterrows()) + "."
@@ -344,12 +502,250 @@ def samples_figure(sweep_dir: Path, cells: pd.DataFrame, prior: str) -> tuple[An
                 ax.text(0.5, 0.5, f"no {name}\n(cell {c['status']})", ha="center", va="center", transform=ax.transAxes)
             if i == 0:
                 ax.set_title(what, fontsize=9)
-        num = " · ".join(f"{lab} {c[m]:.4g}" for m, lab in (("gfid", "gFID"), ("rfid", "rFID")) if not math.isnan(c[m]))
+        shown = dict.fromkeys([primary_metric(cells), "gfid", "rfid"])
+        num = " · ".join(f"{LABELS[m]} {c[m]:.4g}" for m in shown if not math.isnan(as_float(c.get(m))))
         axes[i, 0].set_ylabel(f"{c['label']}\n{c['generator']}\n{num or c['status']}", fontsize=8,
                               rotation=0, ha="right", va="center")
     fig.suptitle(f"prior {prior}: samples and reconstructions")
     return fig, (f"Every cell with prior '{prior}', one row each (label: prior/loss(λ)/seed, generator preset, "
-                 "gFID and rFID of that cell).")
+                 "its generation and reconstruction metrics).")
+
+
+# ---------------------------------------------------------------- ranking and convergence figures
+
+def _rank_label(r: pd.Series) -> str:
+    text = f"{int(r['rank'])}. {r['prior']}/{r['loss']} λ={float(r['lambda']):g} (n={int(r['n_seeds'])})"
+    return text + (f" · paper #{int(r['paper_rank'])}" if not pd.isna(r["paper_rank"]) else "")
+
+
+def _floor_line(ax: Any, floor: float | None, vertical: bool) -> None:
+    """The real-vs-real floor as a dotted line: no generator is expected to get past it."""
+    if floor is None:
+        return
+    (ax.axvline if vertical else ax.axhline)(floor, color="grey", ls=":", lw=1, label="real-vs-real floor")
+
+
+def ranking_figure(table: pd.DataFrame, corr: pd.DataFrame, floors: dict[str, dict[str, float]],
+                   title: str) -> tuple[Any, str]:
+    """Each ranked prior's mean of the primary metric with its 95% t-interval over seeds, best on top."""
+    import matplotlib.pyplot as plt
+    ranked = table[table["rank"].notna()]
+    if ranked.empty:
+        raise Skip("no finished cell has the primary metric: nothing to rank")
+    metric = str(ranked["metric"].iloc[0])
+    label = LABELS.get(metric, metric)
+    groups = list(ranked.groupby(SETTING, sort=True))
+    pal = palette(list(ranked["prior"]))
+    # One panel per setting, stacked: the long prior labels sit left of their own panel only.
+    sizes = [len(g) for _, g in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(7, 0.45 * sum(sizes) + 1.4 * len(groups)), squeeze=False,
+                             gridspec_kw={"height_ratios": [n + 1.5 for n in sizes]}, layout="constrained")
+    for ax, (setting, grp) in zip(axes[:, 0], groups):
+        grp = grp.sort_values("mean", kind="mergesort")
+        for y, (_, r) in enumerate(grp.iterrows()):
+            ci, color = as_float(r["ci95"]), pal[r["prior"]]
+            ax.errorbar(r["mean"], y, xerr=None if math.isnan(ci) else ci, fmt="o", color=color, capsize=4, ms=7,
+                        mfc="white" if int(r["n_seeds"]) < 2 else color)
+        ax.set_yticks(range(len(grp)), [_rank_label(r) for _, r in grp.iterrows()], fontsize=8)
+        ax.set_ylim(len(grp) - 0.5, -0.5)  # rank 1 on top
+        _floor_line(ax, floors.get(str(setting[0]), {}).get(metric), vertical=True)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(loc="lower right", fontsize=7)
+        ax.set_xlabel(f"{label}, mean over seeds (lower is better)")
+        ax.set_title(" / ".join(map(str, setting)), fontsize=9)
+    fig.suptitle(f"{title}: priors ranked by {label} (bars: 95% t-interval over seeds)")
+    caption = (f"Priors ordered by their mean {label} over seeds (best on top), each at its best lambda; bars: "
+               "95% Student-t interval of the mean over seeds (hollow marker: one seed, no interval). "
+               "'paper #k': rank of the matching row of the paper's Table 1 (gFID-5K). Which neighbours "
+               "Welch's t-test tells apart: ranking.md.")
+    for _, c in corr.iterrows():
+        if not math.isnan(c["spearman_rho"]):
+            caption += (f" Spearman's rho with the paper ({c['generator']} generator): {c['spearman_rho']:.2f}, "
+                        f"95% seed-bootstrap interval [{c['rho_lo']:.2f}, {c['rho_hi']:.2f}].")
+    return fig, caption
+
+
+def snapshot_columns(wide: pd.DataFrame, metric: str) -> dict[int, str]:
+    """{percent of generator training: column} of the EMA snapshots of ``metric`` that hold values."""
+    found = {}
+    for c in wide.columns:
+        m = SNAP.match(str(c))
+        if m and m.group(2) == metric and pd.to_numeric(wide[c], errors="coerce").notna().any():
+            found[int(m.group(1))] = c
+    return dict(sorted(found.items()))
+
+
+def _snap_floor(metric: str) -> str:
+    """The floor measured at the snapshots' sample count (fd_domain -> floor_fd_snap_domain)."""
+    return metric.replace("_domain", "_snap_domain") if metric.endswith("_domain") else f"{metric}_snap"
+
+
+def _final_text(long: pd.DataFrame, metric: str) -> str:
+    if (long.loc[long["percent"] == 100, "column"] == metric).all():
+        return f"the `{metric}` column itself"
+    return (f"`snap100_{metric}`, the final EMA scored like the snapshots, at their sample count; it can differ "
+            f"from `{metric}`, which uses more samples")
+
+
+def convergence_summary(wide: pd.DataFrame) -> tuple[str, pd.DataFrame]:
+    """(metric, long frame): per setting, prior at its best lambda (as ranked) and snapshot percent:
+    mean, std, n, ci95 over seeds and the step. 100% is ``snap100_<metric>`` where the evaluation
+    scored the final EMA like the snapshots (same sample count: FD is biased by the count, so
+    only equal counts make one curve), else the metric's own column."""
+    metric = primary_metric(wide)
+    snaps = snapshot_columns(wide, metric)
+    if not snaps:
+        raise Skip(f"results.csv has no EMA snapshot columns for {metric} (snapNNN_{metric}): the generator "
+                   "recorded no snapshots")
+    cols = snaps if 100 in snaps else {**snaps, 100: metric}
+    steps = {p: f"snap{p:03d}_step" for p in cols if f"snap{p:03d}_step" in wide}
+    group = SETTING + ["prior", "loss", "lambda"]
+    # The best lambda is picked on the final metric, as in the ranking, whatever the 100% point is.
+    summ = over_seeds(wide, group, list(dict.fromkeys([*cols.values(), metric, *steps.values()])), require=metric,
+                      sort=True)
+    rows = []
+    for _, grp in summ.groupby(SETTING, sort=True):
+        for _, r in _best_lambda(grp, metric).iterrows():
+            for pct, c in cols.items():
+                rows.append({**{k: r[k] for k in group}, "n_seeds": r["n_seeds"], "percent": pct, "mean": r[c],
+                             "std": r[f"{c}_std"], "n": r[f"{c}_n"], "ci95": r[f"{c}_ci95"],
+                             "step": r[steps[pct]] if pct in steps else math.nan, "column": c})
+    return metric, pd.DataFrame(rows)
+
+
+def snapshot_agreement(long: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and snapshot before the end: Spearman's rho of that snapshot's ranking of the
+    priors against the final one (over priors with both values; undefined below MIN_SHARED) and
+    whether the two orders are identical."""
+    from scipy.stats import rankdata, spearmanr
+    rows = []
+    for setting, grp in long.groupby(SETTING, sort=True):
+        final = grp[grp["percent"] == 100].set_index(["prior", "loss"])["mean"]
+        for pct, snap in grp[grp["percent"] < 100].groupby("percent", sort=True):
+            both = pd.concat([snap.set_index(["prior", "loss"])["mean"], final], axis=1, keys=["snap", "final"]).dropna()
+            rho = p = math.nan
+            if len(both) >= MIN_SHARED:
+                rho, p = (float(v) for v in spearmanr(both["snap"], both["final"]))
+            same = bool(np.array_equal(rankdata(both["snap"], "min"), rankdata(both["final"], "min")))
+            rows.append({**dict(zip(SETTING, setting)), "percent": int(pct), "n_priors": len(both),
+                         "spearman_rho": rho, "p_value": p, "same_order": same})
+    return pd.DataFrame(rows, columns=SETTING + ["percent", "n_priors", "spearman_rho", "p_value", "same_order"])
+
+
+def stability_sentence(agree: pd.DataFrame) -> str:
+    """One setting's verdict: is the order of the priors the same at every snapshot as at the end?"""
+    if agree.empty:
+        return "No snapshot before the final model: nothing to compare."
+    if agree["n_priors"].max() < 2:
+        return "Fewer than two priors: there is no ranking to compare."
+    differ = agree.loc[~agree["same_order"], "percent"]
+    if differ.empty:
+        pcts = ", ".join(f"{p}%" for p in agree["percent"])
+        return f"Stable: every snapshot ({pcts}) orders the priors as the final model does."
+    later = agree.loc[agree["percent"] > differ.max(), "percent"]
+    at = ", ".join(f"{p}%" for p in differ)
+    if later.empty:
+        return f"Not stable: the order of the priors still differs from the final one at {at}."
+    return (f"The order settles by {later.min()}%: from there on every snapshot orders the priors as the final "
+            f"model does; at {at} it differs.")
+
+
+CONVERGENCE_NOTE = (
+    "Each prior at its best lambda (as in ranking.md); the generator's EMA weights evaluated at 25/50/75% of "
+    "its training steps and at the end (100%: {final}). Entries: mean ± std [± half-width "
+    "of the 95% Student-t interval] over seeds, then (#rank among the priors at that snapshot). Spearman's rho "
+    "(scipy.stats.spearmanr) compares each snapshot's ranking with the final one and needs {min_shared} "
+    "priors; `same order` means identical ranks. Orders compare means only: neighbours that the final "
+    "ranking cannot tell apart (ranking.md, Welch's test) may swap by seed noise alone.\n")
+
+
+def _rho_text(rho: float, n: int) -> str:
+    if not math.isnan(rho):
+        return f"{rho:.3f}"
+    return f"undefined ({n} priors, needs {MIN_SHARED})" if n < MIN_SHARED else "undefined (tied ranks)"
+
+
+def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
+                         floors: dict[str, dict[str, float]]) -> str:
+    from benchmark.aggregate import markdown
+    label = LABELS.get(metric, metric)
+    md = [f"# Convergence: {label} against generator training\n",
+          CONVERGENCE_NOTE.format(final=_final_text(long, metric), min_shared=MIN_SHARED)]
+    for setting, grp in long.groupby(SETTING, sort=True):
+        md.append(f"## {' / '.join(map(str, setting))}\n")
+        grp = grp.assign(rank=grp.groupby("percent")["mean"].rank(method="min"))
+        cell = {(r["prior"], r["loss"], int(r["percent"])): (
+            mean_pm(r["mean"], r["std"], r["ci95"]) + ("" if pd.isna(r["rank"]) else f" (#{int(r['rank'])})"))
+            for _, r in grp.iterrows()}
+        # Rows in the final ranking's order, one column per snapshot.
+        table = grp[grp["percent"] == 100].sort_values("mean", kind="mergesort")[["prior", "loss", "lambda", "n_seeds"]]
+        for p in sorted(grp["percent"].unique()):
+            table[f"{p}%"] = [cell.get((a, b, int(p)), "–") for a, b in zip(table["prior"], table["loss"])]
+        md.append(markdown(table, list(table.columns)))
+        md.append("\n" + floor_sentence({m: v for m, v in floors.get(str(setting[0]), {}).items()
+                                          if m in (metric, _snap_floor(metric)) or m.startswith("n_snap")}) + "\n")
+        a = agree[(agree[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        steps = grp.groupby("percent")["step"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else math.nan)
+        rows = pd.DataFrame({"snapshot": [f"{p}%" for p in a["percent"]],
+                             "step": [steps.get(p, math.nan) for p in a["percent"]],
+                             "priors": a["n_priors"],
+                             "Spearman's rho vs final": [_rho_text(v, n) for v, n in zip(a["spearman_rho"], a["n_priors"])],
+                             "p": a["p_value"], "same order as final": a["same_order"].map({True: "yes", False: "no"})})
+        md.append(markdown(rows, list(rows.columns)))
+        md.append("\n" + stability_sentence(a) + "\n")
+    return "\n".join(md)
+
+
+def convergence_figure(long: pd.DataFrame, metric: str, floors: dict[str, dict[str, float]],
+                       title: str) -> Any:
+    """The primary metric against the share of generator training, one line per prior (mean over
+    seeds, 95% t-interval bars): our counterpart of the paper's gFID-against-epochs view."""
+    import matplotlib.pyplot as plt
+    label = LABELS.get(metric, metric)
+    groups = list(long.groupby(SETTING, sort=True))
+    pal = palette(list(long["prior"]))
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.5 * len(groups), 4), squeeze=False)
+    for ax, (setting, grp) in zip(axes[0], groups):
+        for (prior, loss, lam), line in grp.groupby(["prior", "loss", "lambda"], sort=True):
+            line = line.sort_values("percent")
+            color = pal[prior]
+            ax.plot(line["percent"], line["mean"], marker="o", color=color, ls="-" if loss == PAPER_LOSS else "--",
+                    label=f"{prior}/{loss} λ={float(lam):g}")
+            ok = line["ci95"].notna()
+            if ok.any():  # one seed: the point alone, no bar
+                ax.errorbar(line.loc[ok, "percent"], line.loc[ok, "mean"], yerr=line.loc[ok, "ci95"], fmt="none",
+                            ecolor=color, capsize=3, alpha=0.8)
+        at = floors.get(str(setting[0]), {})
+        _floor_line(ax, at.get(_snap_floor(metric), at.get(metric)), vertical=False)
+        pcts = sorted(grp["percent"].unique())
+        steps = grp.groupby("percent")["step"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else math.nan)
+        ax.set_xticks(pcts, [f"{p}%" + (f"\n{steps[p]:g} steps" if not math.isnan(steps.get(p, math.nan)) else "")
+                             for p in pcts])
+        ax.set_xlabel("generator training (share of its steps; EMA weights)")
+        ax.set_ylabel(f"{label} (lower is better)")
+        ax.set_title(" / ".join(map(str, setting)), fontsize=9)
+    axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    fig.suptitle(f"{title}: {label} against generator training (mean over seeds, 95% t-interval)")
+    return fig
+
+
+def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
+    """(figure, caption, convergence.md); raises Skip without snapshot columns."""
+    metric, long = convergence_summary(wide)
+    floors = floor_values(wide)
+    agree = snapshot_agreement(long)
+    md = convergence_markdown(long, agree, metric, floors)
+    label = LABELS.get(metric, metric)
+    caption = (f"Mean {label} over seeds of each prior (at its best lambda) at 25/50/75/100% of generator "
+               "training, EMA weights; bars: 95% Student-t interval over seeds (none with one seed); dashed: "
+               "losses other than dm (the kl baseline); dotted: the real-vs-real floor. Compare the shape with "
+               "the paper's gFID against epochs (Table 3).")
+    n = pd.to_numeric(wide.get("snapshot_n_samples", pd.Series(dtype=float)), errors="coerce").dropna()
+    if n.nunique() == 1:
+        caption += f" Snapshots scored on {int(n.iloc[0])} generated samples each."
+    for setting, a in agree.groupby(SETTING, sort=True):
+        caption += f" {' / '.join(map(str, setting))}: {stability_sentence(a)}"
+    return convergence_figure(long, metric, floors, title), caption, md
 
 
 # ---------------------------------------------------------------- the paper's own figures
@@ -413,9 +809,31 @@ def render_sweep(sweep_dir: Path, out: Path, results: Path) -> dict[str, Any]:
     old = read_json(out / "manifest.json") if (out / "manifest.json").exists() else {}
     figs: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
+    tables = ["ranking.csv", "ranking.md", "ranking_spearman.csv"]
+    label = LABELS.get(primary_metric(wide), "gFID")
+    table, corr = ranking(wide, read_paper_table(results, PAPER_TABLE1))
+    floors = floor_values(wide)
+    write_text(out / "ranking.csv", table.to_csv(index=False))
+    write_text(out / "ranking_spearman.csv", corr.to_csv(index=False))
+    write_text(out / "ranking.md", ranking_markdown(table, corr, floors))
+    for _, c in corr.iterrows():
+        log.info("%s: ranking vs paper Table 1: %s", name,
+                 f"rho={c['spearman_rho']:.3f} [{c['rho_lo']:.3f}, {c['rho_hi']:.3f}]"
+                 if not math.isnan(c["spearman_rho"]) else c["note"])
+    (out / "convergence.md").unlink(missing_ok=True)  # rewritten below only if the sweep supports it
+
+    def draw_convergence() -> tuple[Any, str]:
+        fig, caption, md = convergence(wide, name)
+        write_text(out / "convergence.md", md)
+        tables.append("convergence.md")
+        return fig, caption
+
     plans = [("tradeoff", "Reconstruction vs generation", lambda: tradeoff_figure(wide, name)),
-             ("gfid_vs_lambda", "gFID against lambda", lambda: lambda_figure(wide, name)),
-             ("gfid_vs_epochs", "gFID against generator epochs", lambda: epochs_figure(wide, name))]
+             ("gfid_vs_lambda", f"{label} against lambda", lambda: lambda_figure(wide, name)),
+             ("gfid_vs_epochs", f"{label} against generator epochs", lambda: epochs_figure(wide, name)),
+             ("ranking", f"Priors ranked by {label}, 95% intervals over seeds",
+              lambda: ranking_figure(table, corr, floors, name)),
+             ("convergence", f"{label} against generator training (EMA snapshots)", draw_convergence)]
     for prior in sorted(wide["prior"].unique()):
         plans.append((f"samples_{prior}", f"Samples and reconstructions: prior {prior}",
                       lambda p=prior: samples_figure(sweep_dir, wide[wide["prior"] == p], p)))
@@ -427,15 +845,7 @@ def render_sweep(sweep_dir: Path, out: Path, results: Path) -> dict[str, Any]:
             skipped.append({"name": stem, "title": title, "reason": str(e)})
             continue
         figs.append({"name": stem, "title": title, "caption": caption, "files": _save(fig, out, stem)})
-    table, corr = ranking(wide, read_paper_table(results, PAPER_TABLE1))
-    write_text(out / "ranking.csv", table.to_csv(index=False))
-    write_text(out / "ranking_spearman.csv", corr.to_csv(index=False))
-    write_text(out / "ranking.md", ranking_markdown(table, corr))
-    for _, c in corr.iterrows():
-        log.info("%s: ranking vs paper Table 1: %s", name,
-                 f"rho={c['spearman_rho']:.3f}" if not math.isnan(c["spearman_rho"]) else c["note"])
-    manifest = {"sweep": name, "figures": figs, "skipped": skipped,
-                "tables": ["ranking.csv", "ranking.md", "ranking_spearman.csv"]}
+    manifest = {"sweep": name, "figures": figs, "skipped": skipped, "tables": tables}
     fresh = {f for fig in figs for f in fig["files"]}
     for fig in old.get("figures", []):  # figures this sweep no longer supports must not linger
         for f in fig.get("files", []):

@@ -1,7 +1,10 @@
 """``python -m benchmark.report``: one self-contained HTML page per exported sweep.
 
-``<out>/<sweep>/report.html`` holds the sweep's tables (results.md: per cell and mean ± std
-over seeds), the ranking of the priors beside the paper's Table 1, every figure that
+``<out>/<sweep>/report.html`` holds the sweep's tables (results.md: per cell with bootstrap
+intervals, and mean ± std [95% t-interval] over seeds, each with the real-vs-real floors), the
+ranking of the priors beside the paper's Table 1 (Welch's test between neighbours, Spearman's rho
+with a seed-bootstrap interval), the convergence over EMA snapshots where the sweep has them
+(convergence.md), every figure that
 ``benchmark.figures`` drew (embedded as base64 PNG, so the file can be mailed or attached on its
 own), the figures that were skipped and why, and per cell relative links to its stage logs and
 resolved config in the exported folder. ``python -m benchmark.figures`` calls this at its end;
@@ -100,6 +103,13 @@ def _ranking_html(fig_dir: Path) -> str:
     return md_to_html((fig_dir / "ranking.md").read_text())
 
 
+def _convergence_html(fig_dir: Path) -> str:
+    """convergence.md where benchmark.figures wrote one (sweeps with EMA snapshot columns only)."""
+    if not (fig_dir / "convergence.md").exists():
+        return ""
+    return md_to_html((fig_dir / "convergence.md").read_text())
+
+
 def _link(target: Path, page_dir: Path, text: str) -> str:
     rel = Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix()
     return f'<a href="{html.escape(rel)}">{html.escape(text)}</a>'
@@ -140,10 +150,9 @@ def _cells_html(sweep_dir: Path, page_dir: Path) -> str:
 def _tables_html(sweep_dir: Path) -> str:
     if (sweep_dir / "results.md").exists():
         return md_to_html((sweep_dir / "results.md").read_text())
-    from benchmark.aggregate import SUMMARY, markdown, over_seeds, seeds_markdown
+    from benchmark.aggregate import over_seeds, results_markdown
     wide = pd.read_csv(sweep_dir / "results.csv")
-    return md_to_html("## Per cell\n\n" + markdown(wide, SUMMARY) +
-                      "\n## Mean ± std over seeds (finished cells)\n\n" + seeds_markdown(over_seeds(wide)))
+    return md_to_html(results_markdown(wide, over_seeds(wide)))
 
 
 def write_report(sweep_dir: Path, page_dir: Path, paper_fig_dir: Path | None = None) -> Path:
@@ -154,8 +163,9 @@ def write_report(sweep_dir: Path, page_dir: Path, paper_fig_dir: Path | None = N
             "<p>Generated from the exported results folder by <code>python -m benchmark.figures</code>; "
             "every number comes from <code>results.csv</code>. FID values here use few samples and are only "
             "comparable at equal <code>n_samples</code>/<code>n_ref</code>, never with the paper's 50K-sample "
-            "numbers.</p>",
-            _tables_html(sweep_dir), _ranking_html(fig_dir), _figures_html(fig_dir, "Figures")]
+            "numbers; the real-vs-real floor under each table is what real images score at the same counts.</p>",
+            _tables_html(sweep_dir), _ranking_html(fig_dir), _convergence_html(fig_dir),
+            _figures_html(fig_dir, "Figures")]
     if paper_fig_dir is not None and (paper_fig_dir / "manifest.json").exists():
         body.append(_figures_html(paper_fig_dir, "The paper's tables drawn the same way (for comparing shapes)"))
     body.append(_cells_html(sweep_dir, page_dir))

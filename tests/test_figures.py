@@ -33,10 +33,17 @@ def _cell(root: Path, idx: int, prior: str, loss: str, lam: float, seed: int, ge
     keys = {"dataset": "fashion_mnist", "prior": prior, "loss": loss, "lambda": lam, "tokenizer": "cpu-tiny",
             "generator": generator, "seed": seed}
     gfid = GFID[prior, loss] + 0.5 * seed + (1.0 if lam > 1 else 0.0) - (5.0 if generator == "cpu-small" else 0.0)
+    # The primary metric fd_domain is gfid / 2 (same order, so every expectation on gfid holds for it),
+    # with per-cell bootstrap bounds, the dataset's floors and EMA snapshots that only shrink towards it.
+    fd = gfid / 2
+    snaps = {f"snap{p:03d}_{k}": v for p, f in ((25, 1.6), (50, 1.3), (75, 1.1))
+             for k, v in (("fd_domain", fd * f), ("step", GEN_STEPS[generator] * p // 100))}
     facts = {"tokenizer": {"latent_swd_to_prior": 0.1},
              "recon_eval": {"rfid": gfid / 4, "psnr": 20.0 + seed, "ssim": 0.8},
              "generator": {}, "gen_eval": {"gfid": gfid, "kid": 0.01, "precision": 0.5, "recall": 0.4,
-                                           "n_samples": 100, "is": None}}
+                                           "n_samples": 100, "is": None, "fd_domain": fd, "fd_domain_lo": fd - 1,
+                                           "fd_domain_hi": fd + 2, "floor_fd_domain": 3.0, "floor_gfid": 12.5,
+                                           **snaps}}
     nodes = {}
     for stage in STAGES:
         key = f"{stage}-{idx:04d}"
@@ -91,8 +98,8 @@ def test_every_figure_is_a_png_and_a_pdf(rendered):
     results, out = rendered
     pngs = sorted(out.rglob("*.png"))
     names = {p.relative_to(out).as_posix() for p in pngs}
-    for stem in ["tradeoff", "gfid_vs_lambda", "gfid_vs_epochs", "samples_gaussian", "samples_gmm",
-                 "samples_dinov2", "samples_text"]:
+    for stem in ["tradeoff", "gfid_vs_lambda", "gfid_vs_epochs", "ranking", "convergence", "samples_gaussian",
+                 "samples_gmm", "samples_dinov2", "samples_text"]:
         assert f"synth/figures/{stem}.png" in names, stem
     assert {f"paper/figures/paper_table{i}.png" for i in ("1_tradeoff", "2_lambda", "3_epochs")} <= names
     for p in pngs:
