@@ -23,6 +23,8 @@ log = logging.getLogger("benchmark.export")
 SWEEP_FILES = ("results.csv", "results_long.csv", "results_over_seeds.csv", "results.md", "results.tex",
                "tradeoff.png", "config.yaml", "cell_configs.yaml", "cells.json")
 IMAGES = {"gen_eval": "samples.png", "recon_eval": "reconstructions.png"}
+# Training curves the figures draw (benchmark/figures.py reads them from cells/<cell_id>/ too).
+CURVES = {"tokenizer": "latent_curve.json", "teacher": "teacher_curve.json"}
 
 
 PAPER_DIR = "paper"  # results/paper holds the paper's tables, not a sweep
@@ -63,6 +65,8 @@ def export(sweep_dir: Path, dest: Path, run_root: Path | None = None) -> Path:
             _copy(d / "stage.log", out / f"{stage}.log")
             if stage in IMAGES:
                 _copy(d / IMAGES[stage], out / IMAGES[stage])
+            if stage in CURVES:
+                _copy(d / CURVES[stage], out / CURVES[stage])
             if stage == "tokenizer":
                 _copy(d / "config.yaml", out / "config.yaml")
         cell["cell_id"] = cid

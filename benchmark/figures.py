@@ -12,6 +12,14 @@ folder itself), every figure as PNG and PDF:
     convergence.{png,pdf}, convergence.md   gFID against generator training (EMA snapshots at
                                25/50/75/100%) and whether the ranking is the same at each snapshot
                                (only if results.csv has snapshot columns)
+    latent_curves.{png,pdf}, latent_curves.md   latent std and SWD to p_ref against tokenizer iteration,
+                               and whether SWD settled in the match phase (only if a tokenizer run
+                               wrote latent_curve.json, i.e. tokenizer.stats_every > 0)
+    teacher_curves.{png,pdf}, teacher_curves.md   held-out flow-matching loss of each dm teacher
+                               against its step (only if a teacher run wrote teacher_curve.json)
+                               Both curve files are read from cells/<cell_id>/ where an export holds
+                               them, else from the run directories (runs/stages/...) when the folder
+                               is a sweep under runs/sweeps/ (see stage_file)
     samples_<prior>.{png,pdf}  samples and reconstructions, one row per cell of that prior
     ranking.csv, ranking.md, ranking_spearman.csv   our ranking of the priors beside the paper's Table 1,
                                with Welch's test between neighbours and a seed-bootstrap interval for rho
@@ -748,6 +756,275 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
     return convergence_figure(long, metric, floors, title), caption, md
 
 
+# ---------------------------------------------------------------- training curves (tokenizer latents, teacher)
+
+LATENT_CURVE, TEACHER_CURVE = "latent_curve.json", "teacher_curve.json"
+# The tokenizer does not see the generator: cells that differ only in it share one tokenizer run.
+CURVE_KEYS = ["dataset", "tokenizer", "prior", "loss", "lambda"]
+SETTLE_SHARE = 0.25  # the last quarter of the match phase ...
+SETTLE_TOL = 0.10    # ... must change SWD by less than 10% (relative) for the run to count as settled
+SETTLE_RULE = (f"A run settled when SWD to p_ref changed by less than {SETTLE_TOL:.0%} (relative) over the last "
+               f"{SETTLE_SHARE:.0%} of the match phase: abs(SWD(end) - SWD(q)) / SWD(q) < {SETTLE_TOL:g}, where "
+               f"q = end - {SETTLE_SHARE:g} x (end - start), start is the last recorded iteration before matching "
+               "(the state it started from), end the last match-phase point, and SWD(q) is interpolated linearly "
+               "between recorded points. With several seeds: `yes` when every seed settled, `no` when none did, "
+               "else how many did; `rel. change` is the largest over the seeds.")
+
+
+def _run_root(sweep_dir: Path) -> Path:
+    # The layout aggregate.main and export.export assume: runs/sweeps/<sweep> -> runs/
+    return sweep_dir.resolve().parent.parent
+
+
+def stage_file(sweep_dir: Path, cell: dict[str, Any], stage: str, name: str,
+               exported: str | None = None) -> Path | None:
+    """A file of the cell's ``stage`` run, or None when the cell has no such stage or file.
+    An exported folder keeps per-cell files under cells/<cell_id>/ (as ``exported``, default
+    ``name``); a sweep folder under runs/sweeps/ has the run directory
+    <run_root>/stages/<stage>/<run_key>/ two levels up."""
+    key = cell.get("nodes", {}).get(stage)
+    if key is None:
+        return None
+    where = [sweep_dir / "cells" / cell["cell_id"] / (exported or name)] if cell.get("cell_id") else []
+    where.append(_run_root(sweep_dir) / "stages" / stage / key / name)
+    return next((p for p in where if p.is_file()), None)
+
+
+def load_latent_curves(sweep_dir: Path) -> pd.DataFrame:
+    """One row per recorded point of each distinct tokenizer run that wrote latent_curve.json:
+    CURVE_KEYS, seed, run (its run key), iter, phase, latent_std, latent_mean, swd_to_prior."""
+    cols = CURVE_KEYS + ["seed", "run", "iter", "phase", "latent_std", "latent_mean", "swd_to_prior"]
+    rows: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for cell in read_json(sweep_dir / "cells.json"):
+        run = cell.get("nodes", {}).get("tokenizer")
+        path = None if run in seen else stage_file(sweep_dir, cell, "tokenizer", LATENT_CURVE)
+        if path is None:
+            continue
+        seen.add(run)
+        keys = {k: cell["keys"][k] for k in CURVE_KEYS + ["seed"]}
+        rows += [{**keys, "run": run, **point} for point in read_json(path)]
+    df = pd.DataFrame(rows, columns=cols)
+    for c in ("iter", "latent_std", "latent_mean", "swd_to_prior", "lambda"):
+        df[c] = pd.to_numeric(df[c], errors="coerce")
+    return df.sort_values(["run", "iter"], kind="mergesort").reset_index(drop=True)
+
+
+def phase_boundaries(run: pd.DataFrame) -> list[tuple[float, str]]:
+    """(iteration, phase that starts there) where consecutive points change phase. A point is
+    labelled with the phase of the iteration before it, so the last point of a phase is the
+    boundary (exact when stats_every divides the phase lengths, else the last point before it)."""
+    run = run.sort_values("iter")
+    ph, it = run["phase"].tolist(), run["iter"].tolist()
+    return [(float(it[i]), ph[i + 1]) for i in range(len(ph) - 1) if ph[i] != ph[i + 1]]
+
+
+def match_end(run: pd.DataFrame) -> dict[str, Any]:
+    """Latent std and SWD at the end of one run's match phase and whether SWD settled (SETTLE_RULE)."""
+    run = run.sort_values("iter")
+    match = run[run["phase"] == "match"]
+    out: dict[str, Any] = {"std_end": math.nan, "swd_end": math.nan, "rel_change": math.nan, "settled": None}
+    if match.empty:
+        return out | {"why": "no match-phase point"}
+    before = run[run["iter"] < match["iter"].min()].tail(1)  # the state matching started from
+    pts = pd.concat([before, match])
+    start, end = float(pts["iter"].iloc[0]), float(match["iter"].iloc[-1])
+    out.update(std_end=float(match["latent_std"].iloc[-1]), swd_end=float(match["swd_to_prior"].iloc[-1]))
+    if len(pts) < 2 or end <= start:
+        return out | {"why": "one point in the match phase"}
+    q = end - SETTLE_SHARE * (end - start)
+    swd_q = float(np.interp(q, pts["iter"].to_numpy(float), pts["swd_to_prior"].to_numpy(float)))
+    change = abs(out["swd_end"] - swd_q)
+    rel = change / abs(swd_q) if swd_q != 0 else (0.0 if change == 0 else math.inf)
+    return out | {"rel_change": rel, "settled": bool(rel < SETTLE_TOL)}
+
+
+def _spread(v: pd.Series) -> str:
+    """The mean over seeds, with the min-max range when there are several."""
+    v = v.dropna()
+    if v.empty:
+        return "–"
+    return f"{v.mean():.4g}" if len(v) == 1 else f"{v.mean():.4g} ({v.min():.4g}–{v.max():.4g})"
+
+
+def _settled_text(s: pd.Series) -> str:
+    known = s.dropna()
+    if known.empty:
+        return "unknown (too few match-phase points)"
+    k = int(known.astype(bool).sum())
+    text = "yes" if k == len(known) else ("no" if k == 0 else f"{k}/{len(known)} seeds")
+    return text + (f" ({len(s) - len(known)} seed(s) unknown)" if len(known) < len(s) else "")
+
+
+def latent_summary(curves: pd.DataFrame) -> pd.DataFrame:
+    """One row per CURVE_KEYS group: n_seeds, end-of-match std and SWD, largest relative SWD change
+    over the last quarter of matching, settled (see SETTLE_RULE)."""
+    per_run = pd.DataFrame([{**dict(zip(CURVE_KEYS, keys)), **match_end(run)}
+                            for (*keys, _), run in curves.groupby(CURVE_KEYS + ["run"], sort=True)])
+    rows = []
+    for keys, grp in per_run.groupby(CURVE_KEYS, sort=True):
+        rel = grp["rel_change"].dropna()
+        rows.append({**dict(zip(CURVE_KEYS, keys)), "n_seeds": len(grp),
+                     "latent std at match end": _spread(grp["std_end"]),
+                     "SWD at match end": _spread(grp["swd_end"]),
+                     "rel. change of SWD, last quarter": f"{rel.max():.1%}" if len(rel) else "–",
+                     "settled": _settled_text(grp["settled"])})
+    return pd.DataFrame(rows)
+
+
+def latent_curves_markdown(summary: pd.DataFrame) -> str:
+    from benchmark.aggregate import markdown
+    md = ["# Latent statistics over tokenizer training\n",
+          "Statistics of a fixed batch of 512 training images' latents, in the space the matching loss compares "
+          "with p_ref (latent_curve.json of each tokenizer run; the target std is 1 for N(0, I) and for feature "
+          "banks). Values at the last recorded point of the match phase: the mean over seeds, (min–max) with "
+          f"several seeds. {SETTLE_RULE}\n"]
+    cols = ["prior", "loss", "lambda", "n_seeds", "latent std at match end", "SWD at match end",
+            "rel. change of SWD, last quarter", "settled"]
+    for setting, grp in summary.groupby(["dataset", "tokenizer"], sort=True):
+        md.append(f"## {' / '.join(map(str, setting))}\n")
+        md.append(markdown(grp, cols))
+    return "\n".join(md)
+
+
+def _curve_label(keys: dict[str, Any], vary: list[str]) -> str:
+    """prior/loss λ, then the dataset or tokenizer preset where the sweep has several."""
+    return _name(pd.Series(keys), ["prior", "loss", "lambda"] + [k for k in ("dataset", "tokenizer") if k in vary])
+
+
+def latent_curves_figure(curves: pd.DataFrame, title: str) -> Any:
+    """Latent std and SWD to p_ref against tokenizer iteration: per (prior, loss, lambda) the mean
+    over seeds and a min-max band, phase boundaries as vertical lines, std 1 dotted."""
+    import matplotlib.pyplot as plt
+    vary = [k for k in ("dataset", "tokenizer") if curves[k].nunique() > 1]
+    groups = [(_curve_label(dict(zip(CURVE_KEYS, keys)), vary), grp)
+              for keys, grp in curves.groupby(CURVE_KEYS, sort=True)]
+    pal = palette([label for label, _ in groups])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for ax, col, ylabel in ((axes[0], "latent_std", "latent std"), (axes[1], "swd_to_prior", "SWD to p_ref")):
+        for label, grp in groups:
+            wide = grp.pivot_table(index="iter", columns="run", values=col, aggfunc="mean").sort_index()
+            color = pal[label]
+            ls = "-" if grp["loss"].iloc[0] == PAPER_LOSS else "--"
+            n = wide.shape[1]
+            ax.plot(wide.index, wide.mean(axis=1), color=color, ls=ls, label=f"{label} ({n} seed{'s' * (n > 1)})")
+            if n > 1:  # the band is the seeds' range; one seed has none
+                ax.fill_between(wide.index, wide.min(axis=1), wide.max(axis=1), color=color, alpha=0.2, lw=0)
+        ax.set_xlabel("tokenizer iteration")
+        ax.set_ylabel(ylabel)
+    vals = curves["swd_to_prior"].dropna()
+    if len(vals) and vals.min() > 0 and vals.max() / vals.min() > 20:  # SWD often falls by orders of magnitude
+        axes[1].set_yscale("log")
+    target = axes[0].axhline(1.0, color="k", ls=":", lw=1, label="std 1 (N(0, I), feature banks)")
+    bounds = sorted({b for _, run in curves.groupby("run") for b in phase_boundaries(run)})
+    for ax in axes:
+        for it, phase in bounds:
+            ax.axvline(it, color="0.5", ls="-.", lw=0.8)
+            ax.text(it, 1.0, f" {phase}", transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="0.35")
+    handles, _ = axes[1].get_legend_handles_labels()  # one legend for both panels, the std target included
+    axes[1].legend(handles=handles + [target], loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    fig.suptitle(f"{title}: latents of a fixed batch over tokenizer training (mean over seeds, band: min–max)")
+    return fig
+
+
+def latent_curves(sweep_dir: Path, title: str) -> tuple[Any, str, str]:
+    """(figure, caption, latent_curves.md); raises Skip when no tokenizer run wrote a curve."""
+    curves = load_latent_curves(sweep_dir)
+    if curves.empty:
+        raise Skip(f"no cell's tokenizer run has {LATENT_CURVE} (written only when tokenizer.stats_every > 0)")
+    summary = latent_summary(curves)
+    settled = summary["settled"].eq("yes").sum()
+    caption = ("Std of a fixed batch's latents and their sliced Wasserstein distance to samples of p_ref, in the "
+               "space the matching loss compares, against tokenizer iteration; mean over seeds, band: min–max over "
+               "seeds; dashed: losses other than dm; vertical lines: phase boundaries (the label names the phase "
+               "that starts); dotted: std 1, the target for N(0, I) and feature banks (other priors have their "
+               f"own scale). {settled} of {len(summary)} prior/loss/λ settled by the end of matching "
+               f"(latent_curves.md: SWD changed < {SETTLE_TOL:.0%} over the last quarter of the match phase).")
+    return latent_curves_figure(curves, title), caption, latent_curves_markdown(summary)
+
+
+def load_teacher_curves(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One entry per distinct teacher run with teacher_curve.json: run, label, the curve as
+    (step, held-out FM loss) pairs, and its record's facts where the record is found."""
+    users: dict[str, list[dict]] = {}
+    paths: dict[str, Path] = {}
+    records: dict[str, Path | None] = {}
+    for cell in read_json(sweep_dir / "cells.json"):
+        run = cell.get("nodes", {}).get("teacher")
+        if run is None:
+            continue
+        users.setdefault(run, []).append(cell["keys"])
+        if run not in paths and (p := stage_file(sweep_dir, cell, "teacher", TEACHER_CURVE)) is not None:
+            paths[run] = p
+            records[run] = stage_file(sweep_dir, cell, "teacher", "record.json", exported="teacher.json")
+    datasets = {k["dataset"] for run in paths for k in users[run]}
+    teachers = []
+    for run, path in paths.items():
+        keys = users[run]
+        # The teacher learns p_ref: name it by the prior(s) and seed(s) of the cells that use it.
+        label = "/".join(sorted({str(k["prior"]) for k in keys})) + " s" + ",".join(
+            sorted({str(k["seed"]) for k in keys}))
+        if len(datasets) > 1:
+            label = f"{keys[0]['dataset']} {label}"
+        curve = [(float(s), float(v)) for s, v in read_json(path).get("step_heldout_fm", [])]
+        facts = read_json(records[run]).get("facts", {}) if records[run] is not None else {}
+        teachers.append({"run": run, "label": label, "curve": sorted(curve), "facts": facts})
+    labels = [t["label"] for t in teachers]
+    for t in teachers:  # two teachers the keys cannot tell apart: their run keys do
+        if labels.count(t["label"]) > 1:
+            t["label"] += f" ({t['run']})"
+    return sorted(teachers, key=lambda t: t["label"])
+
+
+def _teacher_steps(t: dict[str, Any]) -> str:
+    facts, curve = t["facts"], t["curve"]
+    if facts.get("teacher_steps_run") is not None:
+        stopped = f", stopped: {facts['teacher_stopped']}" if facts.get("teacher_stopped") else ""
+        return f"{int(facts['teacher_steps_run'])} steps run{stopped}"
+    # No record beside the curve: the last held-out evaluation is a lower bound on the steps run.
+    if not curve:
+        return "no steps"
+    return f"at least {int(curve[-1][0])} steps run (last held-out evaluation; no record found)"
+
+
+def teacher_curves_markdown(teachers: list[dict[str, Any]]) -> str:
+    md = ["# Teachers: held-out flow-matching loss\n",
+          "Each dm teacher is trained on samples of p_ref until its loss on a fixed held-out set plateaus "
+          "(teacher_curve.json); one line per distinct teacher run.\n"]
+    for t in teachers:
+        final = f"final held-out FM loss {t['curve'][-1][1]:.4g} at step {int(t['curve'][-1][0])}" \
+            if t["curve"] else "no held-out evaluation recorded"
+        md.append(f"- {t['label']} (`teacher/{t['run']}`): {_teacher_steps(t)}; {final}.\n")
+    return "\n".join(md)
+
+
+def teacher_curves_figure(teachers: list[dict[str, Any]], title: str) -> Any:
+    import matplotlib.pyplot as plt
+    pal = palette([t["label"] for t in teachers])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for t in teachers:
+        steps, loss = zip(*t["curve"])
+        ax.plot(steps, loss, marker="o", ms=3, color=pal[t["label"]], label=t["label"])
+    ax.set_xlabel("teacher step")
+    ax.set_ylabel("held-out flow-matching loss")
+    ax.set_title(f"{title}: dm teachers' held-out loss", fontsize=9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=7)
+    return fig
+
+
+def teacher_curves(sweep_dir: Path, title: str) -> tuple[Any, str, str]:
+    """(figure, caption, teacher_curves.md); raises Skip when no teacher run wrote a curve."""
+    teachers = load_teacher_curves(sweep_dir)
+    drawn = [t for t in teachers if t["curve"]]
+    if not drawn:
+        raise Skip(f"no cell's teacher run has a non-empty {TEACHER_CURVE} (written by dm teachers with "
+                   "loss.teacher_plateau set)")
+    caption = ("Flow-matching loss of each dm teacher on a fixed held-out set of p_ref samples (fixed t and noise) "
+               f"against its training step, one line per distinct teacher run ({len(drawn)}); a curve still falling "
+               "at its end is a teacher cut off early, whose bias the dm gradient inherits (teacher_curves.md).")
+    return teacher_curves_figure(drawn, title), caption, teacher_curves_markdown(teachers)
+
+
 # ---------------------------------------------------------------- the paper's own figures
 
 def paper_figures(results: Path, out: Path) -> list[dict[str, Any]]:
@@ -820,7 +1097,8 @@ def render_sweep(sweep_dir: Path, out: Path, results: Path) -> dict[str, Any]:
         log.info("%s: ranking vs paper Table 1: %s", name,
                  f"rho={c['spearman_rho']:.3f} [{c['rho_lo']:.3f}, {c['rho_hi']:.3f}]"
                  if not math.isnan(c["spearman_rho"]) else c["note"])
-    (out / "convergence.md").unlink(missing_ok=True)  # rewritten below only if the sweep supports it
+    for md_name in ("convergence.md", "latent_curves.md", "teacher_curves.md"):
+        (out / md_name).unlink(missing_ok=True)  # rewritten below only if the sweep supports it
 
     def draw_convergence() -> tuple[Any, str]:
         fig, caption, md = convergence(wide, name)
@@ -828,12 +1106,25 @@ def render_sweep(sweep_dir: Path, out: Path, results: Path) -> dict[str, Any]:
         tables.append("convergence.md")
         return fig, caption
 
+    def with_markdown(stem: str, make: Any) -> Any:
+        """A drawer for plans whose maker also returns <stem>.md (written only when it draws)."""
+        def draw() -> tuple[Any, str]:
+            fig, caption, md = make(sweep_dir, name)
+            write_text(out / f"{stem}.md", md)
+            tables.append(f"{stem}.md")
+            return fig, caption
+        return draw
+
     plans = [("tradeoff", "Reconstruction vs generation", lambda: tradeoff_figure(wide, name)),
              ("gfid_vs_lambda", f"{label} against lambda", lambda: lambda_figure(wide, name)),
              ("gfid_vs_epochs", f"{label} against generator epochs", lambda: epochs_figure(wide, name)),
              ("ranking", f"Priors ranked by {label}, 95% intervals over seeds",
               lambda: ranking_figure(table, corr, floors, name)),
-             ("convergence", f"{label} against generator training (EMA snapshots)", draw_convergence)]
+             ("convergence", f"{label} against generator training (EMA snapshots)", draw_convergence),
+             ("latent_curves", "Latent std and SWD to p_ref over tokenizer training",
+              with_markdown("latent_curves", latent_curves)),
+             ("teacher_curves", "Held-out flow-matching loss of the dm teachers",
+              with_markdown("teacher_curves", teacher_curves))]
     for prior in sorted(wide["prior"].unique()):
         plans.append((f"samples_{prior}", f"Samples and reconstructions: prior {prior}",
                       lambda p=prior: samples_figure(sweep_dir, wide[wide["prior"] == p], p)))

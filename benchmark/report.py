@@ -4,7 +4,8 @@
 intervals, and mean ± std [95% t-interval] over seeds, each with the real-vs-real floors), the
 ranking of the priors beside the paper's Table 1 (Welch's test between neighbours, Spearman's rho
 with a seed-bootstrap interval), the convergence over EMA snapshots where the sweep has them
-(convergence.md), every figure that
+(convergence.md), the latent statistics over tokenizer training and the teachers' held-out loss
+where their runs recorded them (latent_curves.md, teacher_curves.md), every figure that
 ``benchmark.figures`` drew (embedded as base64 PNG, so the file can be mailed or attached on its
 own), the figures that were skipped and why, and per cell relative links to its stage logs and
 resolved config in the exported folder. ``python -m benchmark.figures`` calls this at its end;
@@ -110,6 +111,13 @@ def _convergence_html(fig_dir: Path) -> str:
     return md_to_html((fig_dir / "convergence.md").read_text())
 
 
+def _training_curves_html(fig_dir: Path) -> str:
+    """latent_curves.md and teacher_curves.md where benchmark.figures wrote them (sweeps whose
+    tokenizer or teacher runs recorded training curves only)."""
+    return "\n".join(md_to_html((fig_dir / f).read_text())
+                     for f in ("latent_curves.md", "teacher_curves.md") if (fig_dir / f).exists())
+
+
 def _link(target: Path, page_dir: Path, text: str) -> str:
     rel = Path(os.path.relpath(target.resolve(), page_dir.resolve())).as_posix()
     return f'<a href="{html.escape(rel)}">{html.escape(text)}</a>'
@@ -165,7 +173,7 @@ def write_report(sweep_dir: Path, page_dir: Path, paper_fig_dir: Path | None = N
             "comparable at equal <code>n_samples</code>/<code>n_ref</code>, never with the paper's 50K-sample "
             "numbers; the real-vs-real floor under each table is what real images score at the same counts.</p>",
             _tables_html(sweep_dir), _ranking_html(fig_dir), _convergence_html(fig_dir),
-            _figures_html(fig_dir, "Figures")]
+            _training_curves_html(fig_dir), _figures_html(fig_dir, "Figures")]
     if paper_fig_dir is not None and (paper_fig_dir / "manifest.json").exists():
         body.append(_figures_html(paper_fig_dir, "The paper's tables drawn the same way (for comparing shapes)"))
     body.append(_cells_html(sweep_dir, page_dir))
