@@ -139,16 +139,36 @@ class DagBuilder:
         return out
 
     def add_cell(self, cell: Any) -> dict[str, Node]:
+        from benchmark.settings import EvalSettings
         c = cell.cfg
         ev = c["eval"]
+        typed = EvalSettings.from_dict(ev, "eval")
         detector = {"detector": ev["detector"], "extra_detectors": ev.get("extra_detectors", []),
                     "precision": ev["precision"]}
         out: dict[str, Node] = {}
-        out["fid_ref"] = self._node("fid_ref", c, {"data": data_slice(c), "split": "test",
-                                                   "n": ev["n_ref"], **detector}, {}, cell)
+        # The domain detector (eval.domain) is keyed by the data and its training settings only,
+        # not the cell seed: every cell of a dataset shares one trained classifier. Its counts
+        # (n_ref, n_samples, ...) enter the keys of the eval stages that use them.
+        dom, on = typed.domain, typed.domain.enabled
+        domain_dep: dict[str, Node] = {}
+        if on:
+            train = {k: getattr(dom, k) for k in ("width", "feature_dim", "steps", "batch_size", "lr", "weight_decay",
+                                                  "warmup_steps", "shift", "flip", "precision", "seed")}
+            out["domain_detector"] = self._node("domain_detector", c, {"data": data_slice(c), "train": train},
+                                                {}, cell)
+            domain_dep = {"domain_detector": out["domain_detector"]}
+        # Optional keys enter a hash only when set, so a feature left off keeps the old keys.
+        boot = {"bootstrap": typed.bootstrap} if typed.bootstrap > 0 else {}
+        # fid_ref also measures the real-vs-real floors at the counts the eval stages use.
+        floor = {"n": ev["n_samples"], "kid": ev["kid_subset_size"]}
+        dom_ref = {"domain": {"n_ref": dom.n_ref, "n": dom.n_samples, "snapshot_n": dom.snapshot_n_samples,
+                              "kid": dom.kid_subset_size}} if on else {}
+        out["fid_ref"] = self._node("fid_ref", c, {"data": data_slice(c), "split": "test", "n": ev["n_ref"],
+                                                   **detector, "floor": floor, **dom_ref}, domain_dep, cell)
         out.update(self._tokenizer_chain(c, cell))
-        out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector},
-                                       {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"]}, cell)
+        out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector,
+                                                         **boot, **({"domain": {"n_ref": dom.n_ref}} if on else {})},
+                                       {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"], **domain_dep}, cell)
         out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,
                                                        "num_classes": c["dataset"]["num_classes"]},
                                       {"tokenizer": out["tokenizer"]}, cell)
@@ -156,9 +176,12 @@ class DagBuilder:
                                                      "kid": ev["kid_subset_size"],
                                                      # optional keys enter the hash only when set
                                                      **{k: ev[k] for k in ("labels", "ref_npz") if ev.get(k)},
-                                                     "seed": cell.seed, **detector},
+                                                     "seed": cell.seed, **detector, **boot,
+                                                     **({"domain": {"n": dom.n_samples, "snapshot_n":
+                                                                    dom.snapshot_n_samples,
+                                                                    "kid": dom.kid_subset_size}} if on else {})},
                                      {"generator": out["generator"], "tokenizer": out["tokenizer"],
-                                      "fid_ref": out["fid_ref"]}, cell)
+                                      "fid_ref": out["fid_ref"], **domain_dep}, cell)
         return out
 
 

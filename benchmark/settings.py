@@ -119,9 +119,15 @@ class TokenizerSettings(Settings):
     # schedule (one iteration counter over the three phases)
     warmup_iters: int                # reconstruction only
     warmup_frozen_encoder: bool = False  # true: warm-up trains only bottleneck + decoder (DMVAE stage 1)
+    # stage1 (paper): a prior with a stage-1 model (feature priors) gives the tokenizer: its
+    # backbone + MLP as the encoder, its decoder, all unfrozen, and no warm-up (stage 1 was it);
+    # other priors use the preset's encoder. preset: the preset's encoder for every prior.
+    design: Literal["stage1", "preset"] = "stage1"
     match_iters: int                 # reconstruction + lambda * matching; paper-in256: 350K (DMVAE_METHOD.md)
     finetune_iters: int              # decoder only, encoder frozen (paper stage 4)
     norm_images: int                 # images used to fit the latent mean/scale
+    stats_every: int = 0             # latent std and SWD to p_ref of a fixed batch every N iterations (0 = off)
+    match_lr: Optional[float] = None  # learning rate of the DM (match) and fine-tune phases; None = lr
     checkpoint_every: int
     # execution
     precision: Precision = "fp32"    # absent = fp32; every preset sets bf16 (the paper's autocast)
@@ -154,6 +160,47 @@ class GeneratorSettings(Settings):
     ema_decay: float                 # paper: 0.9999
     t_sampling: str                  # generators.sample_t kind; paper: uniform
     checkpoint_every: int
+    # EMA weights kept at these fractions of training (ema_025.pt, ...; gen_eval scores them):
+    # the paper's gFID-vs-epochs view, and a check that a ranking is not an artefact of one length.
+    snapshots: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True, kw_only=True)
+class DomainSettings(Settings):
+    """``eval.domain``: the domain detector, a small CNN classifier trained on the dataset's own
+    training split (benchmark/stages/domain_detector.py). Its penultimate features give FD, KID
+    and precision/recall beside Inception's (columns ``*_domain``). Absent = off. The training
+    keys (width ... seed) form the ``domain_detector`` stage's key, shared by every cell of a
+    dataset; the counts enter the keys of the eval stages that use them."""
+    enabled: bool = False
+    n_samples: int = 10000           # generated samples it scores (the first eval.n_samples also feed Inception)
+    n_ref: int = 10000               # test-split images: reference features and rFD's reconstructions
+    snapshot_n_samples: int = 2000   # samples per generator EMA snapshot (same labels and noise for each)
+    kid_subset_size: int = 1000      # torch-fidelity's default
+    # training of the classifier
+    width: int = 32                  # conv widths w, 2w, 4w
+    feature_dim: int = 128           # the penultimate layer: the features every domain metric uses
+    steps: int = 2500                # 5.3 epochs of Fashion-MNIST's 60,000 training images
+    batch_size: int = 128
+    lr: float = 0.1                  # SGD with Nesterov momentum 0.9, linear warm-up then linear decay to 0
+    weight_decay: float = 5e-4
+    warmup_steps: int = 50
+    shift: int = 2                   # random translation by up to +-shift px (crops of side resolution - 2 * shift)
+    flip: bool = False               # random horizontal flips (cost 0.2-0.3% accuracy at 5 epochs)
+    precision: Precision = "bf16"    # training autocast: 1,240 vs 550 img/s in fp32 (1 thread, reference CPU)
+    seed: int = 0
+    checkpoint_every: int = 200      # how often, not what: not part of any key
+
+    def __post_init__(self) -> None:
+        # Types are checked by from_dict; ranges here, so a bad value fails before any stage runs.
+        bad = [f"{k}={getattr(self, k)} (needs >= 2)" for k in
+               ("n_samples", "n_ref", "snapshot_n_samples", "kid_subset_size", "batch_size") if getattr(self, k) < 2]
+        bad += [f"{k}={getattr(self, k)} (needs >= 1)" for k in
+                ("width", "feature_dim", "steps", "checkpoint_every") if getattr(self, k) < 1]
+        bad += [f"{k}={getattr(self, k)} (needs >= 0)" for k in ("shift", "warmup_steps") if getattr(self, k) < 0]
+        bad += [] if self.lr > 0 else [f"lr={self.lr} (needs > 0)"]
+        if bad:
+            raise SettingsError(f"eval.domain: {', '.join(bad)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +219,8 @@ class EvalSettings(Settings):
     sampler: SamplerSettings
     labels: Optional[Literal["balanced", "random"]] = None  # None = balanced (n / K per class)
     ref_npz: Optional[str] = None    # ADM-style reference statistics -> extra column gfid_ref_npz
+    bootstrap: int = 0               # bootstrap replicates for 95% intervals of every FD (<fd>_lo, <fd>_hi); 0 = none
+    domain: DomainSettings = field(default_factory=DomainSettings)
 
     @property
     def label_mode(self) -> str:

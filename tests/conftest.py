@@ -17,6 +17,11 @@ TINY = [
     "generator.checkpoint_every=4",
     "eval.n_ref=20", "eval.n_samples=20", "eval.batch_size=20", "eval.sampler.steps=4",
     "eval.kid_subset_size=20", "eval.extra_detectors=[mobilenet_v2-imagenet]",
+    # The domain detector at a few steps of a width-4 net; more domain samples than eval.n_samples,
+    # so the continued draw of gen_eval runs too.
+    "eval.bootstrap=10", "eval.domain.n_samples=30", "eval.domain.n_ref=20", "eval.domain.snapshot_n_samples=10",
+    "eval.domain.kid_subset_size=10", "eval.domain.width=4", "eval.domain.feature_dim=16", "eval.domain.steps=4",
+    "eval.domain.batch_size=16", "eval.domain.checkpoint_every=2",
     "++generator.model_args.hidden_size=32", "++generator.model_args.depth=1", "++generator.model_args.num_heads=2",
     # Sizes of plug-ins only some cells have (`?key=value` sets a key only where it exists): the
     # dm loss's score networks and teacher, feature priors' bank, stage 1 and offline MAE (also

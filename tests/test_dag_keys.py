@@ -15,7 +15,7 @@ import pytest
 
 from benchmark import config, dag
 
-ALL = {"fid_ref", "reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"}
+ALL = {"domain_detector", "fid_ref", "reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"}
 DOWN_OF_TOKENIZER = {"tokenizer", "recon_eval", "generator", "gen_eval"}
 EVAL = {"fid_ref", "recon_eval", "gen_eval"}
 
@@ -35,9 +35,17 @@ def base_keys(tmp_path_factory):
 
 @pytest.mark.parametrize("override,changed", [
     ("grid.seeds=[1]", {"teacher"} | DOWN_OF_TOKENIZER),
-    ("eval.n_samples=400", {"gen_eval"}),
+    # fid_ref measures the real-vs-real floors at every count; recon_eval follows its key.
+    ("eval.n_samples=400", EVAL),
     ("eval.sampler.steps=8", {"gen_eval"}),
-    ("eval.kid_subset_size=100", {"recon_eval", "gen_eval"}),
+    ("eval.kid_subset_size=100", EVAL),
+    ("eval.bootstrap=50", {"recon_eval", "gen_eval"}),
+    ("eval.domain.n_samples=400", EVAL),
+    ("eval.domain.snapshot_n_samples=400", EVAL),
+    ("eval.domain.n_ref=400", EVAL),
+    ("eval.domain.kid_subset_size=100", EVAL),
+    ("eval.domain.width=8", {"domain_detector"} | EVAL),
+    ("eval.domain.checkpoint_every=7", set()),     # a checkpoint interval: how often, not what
     ("eval.n_ref=400", EVAL),
     ("eval.precision=fp32", EVAL),
     ("eval.extra_detectors=[mobilenet_v2-imagenet]", EVAL),
@@ -81,7 +89,7 @@ def test_sensitivity_feature_prior(override, changed, tmp_path):
     base = ["grid=single", "prior=offline-ssl"]
     k0 = _keys(base, tmp_path)
     k1 = _keys(base + [override], tmp_path)
-    stages = {"fid_ref", "ssl_backbone", "reference", "teacher"} | DOWN_OF_TOKENIZER
+    stages = {"domain_detector", "fid_ref", "ssl_backbone", "reference", "teacher"} | DOWN_OF_TOKENIZER
     assert set(k0) == set(k1) == stages
     assert {s for s in stages if k0[s] != k1[s]} == changed
 
@@ -112,10 +120,19 @@ def test_fid_ref_and_generator_keys_by_hand(tmp_path):
     _, (n,) = dag.build(cells, tmp_path)
     c = cells[0].cfg
     ev = c["eval"]
+    dom = ev["domain"]
+    dd_slice = {"data": {"name": "fashion_mnist", "resolution": 32},
+                "train": {k: dom[k] for k in ("width", "feature_dim", "steps", "batch_size", "lr", "weight_decay",
+                                              "warmup_steps", "shift", "flip", "precision", "seed")}}
+    assert n["domain_detector"].slice == dd_slice
+    assert n["domain_detector"].key == _sha_key("domain_detector", dd_slice, {})
     fid_slice = {"data": {"name": "fashion_mnist", "resolution": 32}, "split": "test", "n": ev["n_ref"],
-                 "detector": ev["detector"], "extra_detectors": ev["extra_detectors"], "precision": ev["precision"]}
+                 "detector": ev["detector"], "extra_detectors": ev["extra_detectors"], "precision": ev["precision"],
+                 "floor": {"n": ev["n_samples"], "kid": ev["kid_subset_size"]},
+                 "domain": {"n_ref": dom["n_ref"], "n": dom["n_samples"], "snapshot_n": dom["snapshot_n_samples"],
+                            "kid": dom["kid_subset_size"]}}
     assert n["fid_ref"].slice == fid_slice
-    assert n["fid_ref"].key == _sha_key("fid_ref", fid_slice, {})
+    assert n["fid_ref"].key == _sha_key("fid_ref", fid_slice, {"domain_detector": n["domain_detector"].key})
     gen = {k: v for k, v in c["generator"].items() if k not in ("reproduces", "description", "epochs", "label")}
     gen_slice = {"generator": gen, "seed": 0, "num_classes": 10}
     assert n["generator"].slice == gen_slice
@@ -126,9 +143,13 @@ def test_fid_ref_and_generator_keys_by_hand(tmp_path):
                                     "loss": {k: v for k, v in c["loss"].items() if k != "teacher_checkpoint_every"},
                                     "seed": 0}
     det = {"detector": ev["detector"], "extra_detectors": ev["extra_detectors"], "precision": ev["precision"]}
-    assert n["recon_eval"].slice == {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **det}
+    boot = {"bootstrap": ev["bootstrap"]}
+    assert n["recon_eval"].slice == {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **det, **boot,
+                                     "domain": {"n_ref": dom["n_ref"]}}
     assert n["gen_eval"].slice == {"n": ev["n_samples"], "sampler": ev["sampler"], "kid": ev["kid_subset_size"],
-                                   "seed": 0, **det}
+                                   "seed": 0, **det, **boot,
+                                   "domain": {"n": dom["n_samples"], "snapshot_n": dom["snapshot_n_samples"],
+                                              "kid": dom["kid_subset_size"]}}
     assert n["reference"].slice == {"data": {"name": "fashion_mnist", "resolution": 32},
                                     "prior": {"name": "gaussian"}, "latent_shape": (4, 8, 8)}
     assert n["reference"].key == _sha_key("reference", {"data": {"name": "fashion_mnist", "resolution": 32},
@@ -139,13 +160,14 @@ def test_dependency_roles_and_order(tmp_path):
     _, cells = config.load(BASE)
     order, (n,) = dag.build(cells, tmp_path)
     roles = {s: {r: d.stage for r, d in node.deps.items()} for s, node in n.items()}
-    assert roles == {"fid_ref": {}, "reference": {}, "teacher": {"reference": "reference"},
+    dd = {"domain_detector": "domain_detector"}
+    assert roles == {"domain_detector": {}, "fid_ref": dd, "reference": {}, "teacher": {"reference": "reference"},
                      "tokenizer": {"reference": "reference", "teacher": "teacher"},
-                     "recon_eval": {"tokenizer": "tokenizer", "fid_ref": "fid_ref"},
+                     "recon_eval": {"tokenizer": "tokenizer", "fid_ref": "fid_ref", **dd},
                      "generator": {"tokenizer": "tokenizer"},
-                     "gen_eval": {"generator": "generator", "tokenizer": "tokenizer", "fid_ref": "fid_ref"}}
+                     "gen_eval": {"generator": "generator", "tokenizer": "tokenizer", "fid_ref": "fid_ref", **dd}}
     pos = {node.key: i for i, node in enumerate(order)}
-    assert len(order) == len(pos) == 7
+    assert len(order) == len(pos) == 8
     for node in order:
         assert all(pos[d.key] < pos[node.key] for d in node.deps.values())
     assert n["teacher"].slice["seed"] == 0 and n["teacher"].slice["num_classes"] == 10

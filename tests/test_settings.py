@@ -177,6 +177,8 @@ DIFFERS_FROM_CPU_TINY = {
     ("tokenizer", "reproduces"),  # documentation
     ("generator", "model_args"),  # absent = the generator class's own defaults; cpu-tiny sets patch_size 2
     ("generator", "reproduces"), ("generator", "epochs"),
+    ("eval", "bootstrap"),        # absent = no intervals; cpu-tiny sets 200 replicates
+    ("eval", "domain"),           # absent = no domain detector; cpu-tiny enables it
 }
 
 

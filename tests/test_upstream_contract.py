@@ -40,9 +40,9 @@ def test_builtin_stage_kinds_are_registered_with_their_versions():
     import benchmark.stages  # noqa: F401
     kinds = {n: upstream.STAGES.get(n) for n in ("fid_ref", "ssl_backbone", "reference", "teacher",
                                                  "tokenizer", "recon_eval", "generator", "gen_eval")}
-    assert {n: k.version for n, k in kinds.items()} == {"fid_ref": 1, "ssl_backbone": 1, "reference": 2,
-                                                       "teacher": 2, "tokenizer": 1, "recon_eval": 1,
-                                                       "generator": 2, "gen_eval": 1}
+    assert {n: k.version for n, k in kinds.items()} == {"fid_ref": 1, "ssl_backbone": 1, "reference": 3,
+                                                       "teacher": 3, "tokenizer": 2, "recon_eval": 1,
+                                                       "generator": 3, "gen_eval": 1}
     assert {n for n, k in kinds.items() if k.distributed} == {"tokenizer", "generator"}
     assert all(k.module == f"benchmark.stages.{n}" for n, k in kinds.items())
     with pytest.raises(RegistryError, match="unknown stage 'nope'.*dmvae_bench.stages"):

@@ -72,11 +72,15 @@ def generation_metrics(
     kid_subsets: int = 100,
     prc_neighborhood: int = 3,
     seed: int = 0,
+    prc_batch_size: int | None = None,
 ) -> dict:
     """FID, KID, precision/recall (gen vs ref pool features) and IS (gen logits, if any).
 
     ``gen`` and ``ref`` are ``Detector.features`` outputs from the same detector. Returns
     floats; ``is_mean``/``is_std`` are None when the detector has no logits (never 0).
+    ``prc_batch_size``: None = torch-fidelity's default path (whole N x N distance matrices);
+    a number = its memory-saving path in blocks of that many rows, the same formula (10,000 x
+    10,000 matrices in float64 would take 0.8 GB each).
     """
     for what, d in (("gen", gen), ("ref", ref)):
         if not isinstance(d, dict) or "pool" not in d:
@@ -101,7 +105,8 @@ def generation_metrics(
     kid = kid_features_to_metric(g, r, kid_subsets=kid_subsets, kid_subset_size=subset,
                                  rng_seed=seed, verbose=False)
     # torch-fidelity's convention: input 1 is generated, input 2 is real (metric_prc.py).
-    prc = prc_features_to_metric(g, r, prc_neighborhood=prc_neighborhood, verbose=False)
+    blocks = {} if prc_batch_size is None else {"save_cpu_ram": True, "prc_batch_size": int(prc_batch_size)}
+    prc = prc_features_to_metric(g, r, prc_neighborhood=prc_neighborhood, verbose=False, **blocks)
 
     is_mean = is_std = None
     logits = gen.get("logits")

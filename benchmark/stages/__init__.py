@@ -15,8 +15,14 @@ from benchmark.upstream import STAGES, register_stage
 # reference 2: stage 1 of feature priors; generator 2: EMA snapshot format.
 # teacher 2: its network is seeded before it is built (version 1 started from whatever state the
 # worker process's RNG was in, so its runs are not reproducible and must not be reused).
-BUILTIN = (("fid_ref", 1, False), ("ssl_backbone", 1, False), ("reference", 2, False), ("teacher", 2, False),
-           ("tokenizer", 1, True), ("recon_eval", 1, False), ("generator", 2, True), ("gen_eval", 1, False))
+# reference 3: prior.pt keeps the stage-1 model; teacher 3: plateau rule and curve; tokenizer 2:
+# the stage-1 start, the fake's recipe (lr, warm-up, clip, pre-trained start) and DM CFG; generator 3:
+# EMA snapshots.
+# domain_detector 1: the classifier whose features the eval stages use beside Inception's (with
+# eval.domain.enabled), trained once per dataset; it runs before fid_ref.
+BUILTIN = (("domain_detector", 1, False),
+           ("fid_ref", 1, False), ("ssl_backbone", 1, False), ("reference", 3, False), ("teacher", 3, False),
+           ("tokenizer", 2, True), ("recon_eval", 1, False), ("generator", 3, True), ("gen_eval", 1, False))
 for _name, _version, _ddp in BUILTIN:
     register_stage(_name, _version, f"benchmark.stages.{_name}", distributed=_ddp)
 

@@ -26,6 +26,28 @@ def eval_images(cfg: dict[str, Any]) -> ImageSet:
     return subset(dataset(cfg, "test"), EvalSettings.from_dict(cfg["eval"], "eval").n_ref, seed=0)
 
 
+def domain_ref_images(cfg: dict[str, Any]) -> ImageSet:
+    """The held-out images of the domain detector's reference features and of rfd_domain."""
+    return subset(dataset(cfg, "test"), EvalSettings.from_dict(cfg["eval"], "eval").domain.n_ref, seed=0)
+
+
+def balanced_train_images(cfg: dict[str, Any], n: int, seed: int = 0) -> ImageSet:
+    """``n`` training images, class-balanced like the generated sets (balanced_labels), for the
+    real-vs-real floors. Round-robin over classes (a random order within each class), so that
+    every prefix is class-balanced too: one feature pass serves the floors at every count."""
+    ds = dataset(cfg, "train")
+    g = torch.Generator().manual_seed(seed)
+    per_class = [torch.nonzero(ds.labels == c).flatten() for c in range(ds.num_classes)]
+    per_class = [rows[torch.randperm(len(rows), generator=g)] for rows in per_class]
+    need = [n // ds.num_classes + (c < n % ds.num_classes) for c in range(ds.num_classes)]
+    short = [c for c, rows in enumerate(per_class) if len(rows) < need[c]]
+    if short:
+        raise ValueError(f"{n} class-balanced training images need {max(need)} of each class; "
+                         f"classes {short} have fewer")
+    idx = torch.stack([rows[:max(need)] for rows in per_class], dim=1).flatten()[:n]  # round-robin
+    return ImageSet(ds.name, ds.split, ds.images[idx], ds.labels[idx], ds.class_names)
+
+
 def build_prior(cfg: dict[str, Any], state: dict | None = None):
     from priors import PRIORS
     p = dict(cfg["prior"])
@@ -41,17 +63,25 @@ def load_prior(node: Node):
     return build_prior(ref.cfg, load_torch(ref.dir / "prior.pt"))
 
 
-def build_tokenizer_for(cfg: dict[str, Any]):
+# Written by a tokenizer stage whose architecture is not the preset's (tokenizer.design=stage1):
+# the encoder/decoder sections that rebuild it, so every later stage loads what was trained.
+ARCH_FILE = "tokenizer_arch.json"
+
+
+def build_tokenizer_for(cfg: dict[str, Any], arch: dict[str, Any] | None = None):
+    """The cell's tokenizer from its preset, or from ``arch`` (encoder, decoder, widths)."""
     from tokenizers import build_tokenizer
     from priors import LOSSES
     stochastic = bool(LOSSES.get(cfg["loss"]["name"]).needs_posterior)
     d = dataset_settings(cfg)
-    return build_tokenizer(cfg["tokenizer"], d.resolution, d.channels, stochastic)
+    return build_tokenizer(arch or cfg["tokenizer"], d.resolution, d.channels, stochastic)
 
 
 def load_tokenizer(tok_node: Node):
+    from benchmark.store import read_json
     from tokenizers import LatentNorm
-    tok = build_tokenizer_for(tok_node.cfg)
+    arch_file = tok_node.dir / ARCH_FILE
+    tok = build_tokenizer_for(tok_node.cfg, read_json(arch_file) if arch_file.exists() else None)
     tok.load_state_dict(load_torch(tok_node.dir / "tokenizer.pt"))
     return tok.eval().requires_grad_(False), LatentNorm.load(tok_node.dir / "latent_norm.json")
 
