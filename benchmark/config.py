@@ -35,9 +35,13 @@ class Cell:
     @property
     def keys(self) -> dict[str, Any]:
         c = self.cfg
+        tok = c["tokenizer"]["preset"]
+        if c["tokenizer"].get("design", "stage1") != "stage1":
+            # Two designs of one preset are two table rows (grid=design), not seeds of one row.
+            tok = f"{tok} ({c['tokenizer']['design']} design)"
         return {"dataset": c["dataset"]["name"], "prior": c["prior"].get("label") or c["prior"]["name"],
                 "loss": c["loss"]["name"], "lambda": c["loss"]["lambda"],
-                "tokenizer": c["tokenizer"]["preset"], "generator": c["generator"]["preset"],
+                "tokenizer": tok, "generator": c["generator"]["preset"],
                 "seed": self.seed}
 
     @property

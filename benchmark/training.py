@@ -82,15 +82,71 @@ class Checkpoint:
             self.path.unlink(missing_ok=True)
 
 
+class PlateauStop:
+    """Stop a training loop once a held-out loss stops improving: every ``eval_every`` steps
+    ``evaluate()`` is called; training stops after ``patience`` evaluations in a row that did not
+    beat the best by a relative ``min_rel_improvement``. The curve of (step, loss) is kept, and it
+    and the counters travel in checkpoints (``state_dict``) so a resumed stage stops where an
+    uninterrupted one would."""
+
+    def __init__(self, evaluate, eval_every: int = 100, patience: int = 3,
+                 min_rel_improvement: float = 0.01, min_steps: int = 0, decays: int = 0,
+                 decay_factor: float = 0.3, on_decay=None) -> None:
+        if eval_every < 1 or patience < 1:
+            raise ValueError(f"plateau rule needs eval_every >= 1 and patience >= 1, got {eval_every}, {patience}")
+        if decays < 0 or not 0 < decay_factor < 1:
+            raise ValueError(f"plateau rule needs decays >= 0 and 0 < decay_factor < 1, got {decays}, {decay_factor}")
+        self.evaluate, self.every, self.patience = evaluate, int(eval_every), int(patience)
+        self.tol, self.min_steps = float(min_rel_improvement), int(min_steps)
+        # decays: at the first plateaus the learning rate is multiplied by decay_factor (through
+        # on_decay(factor)) and training goes on; it stops at the plateau after the last decay.
+        # A constant rate leaves the network jittering at its noise floor; annealing lowers it.
+        self.decays, self.factor, self.on_decay = int(decays), float(decay_factor), on_decay
+        self.decayed = 0
+        self.curve: list[tuple[int, float]] = []
+        self.best, self.bad, self.stopped_at = float("inf"), 0, None
+
+    def after_step(self, step: int) -> bool:
+        """Called with the number of steps done; True = stop now."""
+        if step % self.every:
+            return False
+        value = float(self.evaluate())
+        self.curve.append((step, value))
+        if value < self.best * (1 - self.tol):
+            self.best, self.bad = value, 0
+        else:
+            self.bad += 1
+        if self.bad >= self.patience and step >= self.min_steps:
+            if self.decayed < self.decays:
+                self.decayed += 1
+                self.bad = 0
+                if self.on_decay is not None:
+                    self.on_decay(self.factor)
+                return False
+            self.stopped_at = step
+            return True
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": [list(c) for c in self.curve], "best": self.best, "bad": self.bad, "decayed": self.decayed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = [(int(a), float(b)) for a, b in state["curve"]]
+        self.best, self.bad = float(state["best"]), int(state["bad"])
+        self.decayed = int(state.get("decayed", 0))
+
+
 def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.Generator, ckpt: Checkpoint,
                 steps: int, loss_at, window: int = 100, clip: float = 1.0,
-                extra_state: dict[str, Any] | None = None) -> tuple[int, list[float], float]:
+                extra_state: dict[str, Any] | None = None,
+                monitor: PlateauStop | None = None) -> tuple[int, list[float], float]:
     """The loop of the single-network stages (teacher, ssl_backbone, stage 1 of feature priors):
     resume from ``ckpt`` (model, optimiser, schedule when there is one, data generator, step),
     then per step ``loss_at(step)``, a finite check naming the stage, backward, clipping,
     optimiser and schedule steps, and a checkpoint when due. ``extra_state`` is saved with every
     checkpoint and must match on resume (a fingerprint of inputs the caller recomputes), else
-    the checkpoint belongs to other inputs and training starts over.
+    the checkpoint belongs to other inputs and training starts over. ``monitor`` (a PlateauStop)
+    may end training before ``steps``; its state is checkpointed too.
     Returns (first step run, the last ``window`` losses, seconds spent in the loop)."""
     import time
     start = 0
@@ -99,6 +155,8 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
         if sched is not None:
             sched.load_state_dict(state["sched"])
         data_rng.set_state(state["data_rng"]); start = state["step"]
+        if monitor is not None:
+            monitor.load_state_dict(state["monitor"])
     t0, recent = time.perf_counter(), []
     bar = progress(steps, stage, start)
     for step in range(start, steps):
@@ -111,10 +169,14 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
             sched.step()
         recent = (recent + [float(loss.detach())])[-window:]
         bar.update(1)
+        if monitor is not None and monitor.after_step(step + 1):
+            log.info("%s: held-out loss plateaued at step %d (curve %s)", stage, step + 1, monitor.curve[-4:])
+            break
         if ckpt.due(step + 1) and step + 1 < steps:
             ckpt.save(step + 1, model=model.state_dict(), opt=opt.state_dict(),
                       sched=None if sched is None else sched.state_dict(), data_rng=data_rng.get_state(),
-                      extra=extra_state or {})
+                      extra=extra_state or {},
+                      **({} if monitor is None else {"monitor": monitor.state_dict()}))
     bar.close()
     return start, recent, time.perf_counter() - t0
 

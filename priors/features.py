@@ -10,8 +10,13 @@ Stage 1, as run here (in the prior's ``fit``, i.e. the grid's ``reference`` stag
 3. the projected features of those images, normalised by one scalar mean and scale (as latents
    are normalised before any diffusion model), are the reference bank; ``sample`` draws from it,
    per class when labels are given.
-The cell's tokenizer (whatever its encoder) is then pulled towards this bank by the matching
-loss, so the tokenizer architecture stays fixed while the prior varies.
+The stage-1 model (backbone, feature standardisation, MLP, decoder and the bank's mean/scale) is
+kept with the bank. With ``tokenizer.design: stage1`` (the paper's recipe) the cell's DM stage
+starts from it, everything unfrozen: the encoder is the backbone plus this MLP and the decoder is
+this decoder, so each image starts at its own projected features (q = p_ref at the first DM
+step, image by image) instead of a fresh encoder that could match the bank only in aggregate.
+With ``tokenizer.design: preset`` every prior gets the preset's conv encoder instead, pulled
+towards the bank by the matching loss (one architecture across priors; an ablation).
 """
 from __future__ import annotations
 
@@ -54,6 +59,7 @@ class BankPrior:
             bank, labels = bank[keep], labels[keep]
         self.bank, self.labels = bank.float().contiguous(), labels.long().contiguous()
         self._by_class = None
+        self.stage1_model: dict[str, Any] | None = None
 
     def _index(self, n: int, generator: torch.Generator | None, labels: torch.Tensor | None) -> torch.Tensor:
         if len(self.bank) == 0:
@@ -79,8 +85,11 @@ class BankPrior:
         return self.bank[self._index(n, generator, labels)].clone()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"bank": self.bank.clone(), "labels": self.labels.clone(),
-                "info": {k: v for k, v in self.info.items()}}
+        out = {"bank": self.bank.clone(), "labels": self.labels.clone(),
+               "info": {k: v for k, v in self.info.items()}}
+        if getattr(self, "stage1_model", None) is not None:
+            out["stage1_model"] = self.stage1_model
+        return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if tuple(state["bank"].shape[1:]) != self.latent_shape:
@@ -89,6 +98,7 @@ class BankPrior:
         self.bank, self.labels = state["bank"].float(), state["labels"].long()
         self.info = dict(state.get("info", {}))
         self._by_class = None
+        self.stage1_model = state.get("stage1_model")
 
     def describe(self) -> dict[str, Any]:
         return dict(self.info)
@@ -159,7 +169,40 @@ class FeaturePrior(BankPrior):
 
     def build_backbone(self, ctx: FitContext):
         from backbones import backbone_overrides, build_backbone
-        return build_backbone(self.backbone_cfg, **backbone_overrides(self.backbone_cfg, ctx.inputs))
+        self.overrides = backbone_overrides(self.backbone_cfg, ctx.inputs)
+        return build_backbone(self.backbone_cfg, **self.overrides)
+
+    # ---- the stage-1 model as the DM stage's starting point (tokenizer.design: stage1)
+
+    def stage1_architecture(self, image_size: int) -> dict[str, Any]:
+        """The tokenizer section (encoder, decoder, widths) that rebuilds the stage-1 model:
+        the backbone (weights as stage 1 loaded them) pooled to the latent grid, then the MLP."""
+        if getattr(self, "stage1_model", None) is None:
+            raise RuntimeError(f"{self.name}: no stage-1 model (reference stage of an older version?)")
+        m = self.stage1_model
+        return {"encoder": {"name": "backbone", "backbone": {**self.backbone_cfg, **m["backbone_overrides"]},
+                            "latent_grid": self.latent_shape[1], "norm_eval": True},
+                "decoder": dict(self.stage1["decoder"]), "latent_channels": self.latent_shape[0],
+                "bottleneck_hidden": m["hidden"]}
+
+    def stage1_weights(self) -> dict[str, torch.Tensor]:
+        """Bottleneck and decoder weights of a Tokenizer built from ``stage1_architecture``.
+        Stage 1 standardised the pooled features per channel, (f - m) / s, before the MLP; that
+        affine map is folded into the MLP's first 1x1 conv (W / s, b - W m / s), which is exact."""
+        m = self.stage1_model
+        w, b = m["proj"]["0.weight"], m["proj"]["0.bias"]
+        s, mu = m["feature_std"], m["feature_mean"]
+        out = {f"bottleneck.{k}": v.clone() for k, v in m["proj"].items()}
+        out["bottleneck.0.weight"] = w / s.view(1, -1, 1, 1)
+        out["bottleneck.0.bias"] = b - w[:, :, 0, 0] @ (mu / s)
+        out.update({f"decoder.{k}": v.clone() for k, v in m["decoder"].items()})
+        out.update({f"encoder.bb.{k}": v.clone() for k, v in m.get("backbone", {}).items()})
+        return out
+
+    def stage1_norm(self):
+        """The bank's normalisation: matching compares (z - mean) / scale with the bank."""
+        from tokenizers import LatentNorm
+        return LatentNorm(float(self.stage1_model["latent_mean"]), float(self.stage1_model["latent_scale"]))
 
     def fit(self, ctx: FitContext) -> None:
         from benchmark.data import subset
@@ -185,6 +228,17 @@ class FeaturePrior(BankPrior):
                                    for i in range(0, len(z), 256)]).mean())
         mean, scale = float(z.mean()), float(z.std())
         self._set_bank((z - mean) / scale, images.labels)
+        overrides = {k: str(v) for k, v in self.overrides.items()}
+        self.stage1_model = {
+            "proj": {k: v.detach().clone() for k, v in proj.state_dict().items()},
+            "decoder": {k: v.detach().clone() for k, v in dec.state_dict().items()},
+            "feature_mean": f_mean.flatten().clone(), "feature_std": f_std.flatten().clone(),
+            "latent_mean": mean, "latent_scale": scale, "hidden": int(proj[0].out_channels),
+            "feature_dim": int(feats.shape[1]), "backbone_overrides": overrides}
+        if backbone.weights_source == "random":
+            # Nothing to reload random weights from: keep them, or a tokenizer rebuilt from this
+            # stage-1 model would start from other features than the bank's.
+            self.stage1_model["backbone"] = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
         self.info = {"backbone": self.backbone_cfg["name"], "backbone_weights": backbone.weights_source,
                      "backbone_dim": int(feats.shape[1]), "stage1_iters": int(self.stage1["iters"]),
                      "stage1_final_loss": rec,

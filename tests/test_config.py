@@ -51,11 +51,15 @@ def test_shared_stages_are_shared(tmp_path):
     assert per_cell[0]["fid_ref"].key == per_cell[1]["fid_ref"].key
     assert per_cell[0]["tokenizer"].key != per_cell[1]["tokenizer"].key
     assert len({n.key for n in order}) == len(order)
-    # the gaussian prior has an exact score: the dm cell needs no trained teacher by default
+    # the gaussian prior has an exact score: the dm cell's teacher stage only pre-trains the fake
+    # (role fake_init); the exact score stays the teacher
+    assert per_cell[0]["tokenizer"].deps["fake_init"].stage == "teacher" and "teacher" not in per_cell[0]["tokenizer"].deps
+    _, cells = config.load(["grid=single", "loss.fake_init=random"])
+    _, per_cell = dag.build(cells, tmp_path)
     assert "teacher" not in per_cell[0]
     _, cells = config.load(["grid=single", "loss.teacher=trained"])
     _, per_cell = dag.build(cells, tmp_path)
-    assert "teacher" in per_cell[0]
+    assert "teacher" in per_cell[0] and "teacher" in per_cell[0]["tokenizer"].deps
 
 
 def test_changing_upstream_config_changes_downstream_keys(tmp_path):

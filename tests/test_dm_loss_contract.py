@@ -167,8 +167,8 @@ def test_init_attributes_and_fake_copy():
     assert isinstance(loss_fn.fake_opt, torch.optim.AdamW)
     assert group["lr"] == 1e-3 and group["betas"] == (0.8, 0.9) and group["weight_decay"] == 0.1
     assert {id(p) for p in group["params"]} == {id(p) for p in loss_fn.fake.parameters()}
-    assert loss_fn.describe() == {"lambda": 1.0, "dm_teacher": "exact", "dm_cfg": 3.0,
-                                  "dm_t_range": [0.0, 1.0], "dm_vae_train_every": 4}
+    assert loss_fn.describe() == {"lambda": 1.0, "dm_teacher": "exact", "dm_cfg": 3.0, "dm_fake_init": "teacher",
+                                  "dm_fake_lr": 1e-3, "dm_t_range": [0.0, 1.0], "dm_vae_train_every": 4}
 
 
 def test_defaults():
@@ -245,9 +245,10 @@ def test_extra_state_round_trip():
     z, y = torch.randn(4, *SHAPE), torch.tensor([0, 1, 2, 0])
     a.update(z, y, 0)
     state = a.extra_state()
-    assert set(state) == {"fake_opt"}
+    assert set(state) == {"fake_opt", "fake_sched"}
     b = _dm(Toy(), fake_lr=0.01)
     b.load_extra_state(state)
+    assert b.fake_sched.last_epoch == a.fake_sched.last_epoch == 1
     sa, sb = a.fake_opt.state_dict(), b.fake_opt.state_dict()
     assert sa["state"].keys() == sb["state"].keys() and sa["state"]
     for i in sa["state"]:

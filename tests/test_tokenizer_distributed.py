@@ -55,9 +55,10 @@ def test_two_processes_match_one_process(precision, tiny_overrides, tmp_path, mo
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
         "tokenizer.lr_warmup_steps=1", f"tokenizer.precision={precision}"]
     a, b = tmp_path / "a", tmp_path / "b"
-    for stage in ("reference", "tokenizer"):
+    for stage in ("reference", "teacher", "tokenizer"):  # teacher: the dm fake's start
         assert run_stage.main(["--stage", stage, *over, f"run_root={a}"]) == 0
-    shutil.copytree(a / "stages" / "reference", b / "stages" / "reference")
+    for upstream in ("reference", "teacher"):
+        shutil.copytree(a / "stages" / upstream, b / "stages" / upstream)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "benchmark.run_stage", "--stage", "tokenizer", *over, f"run_root={b}"]

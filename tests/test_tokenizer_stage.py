@@ -18,7 +18,8 @@ class Killed(BaseException):
 
 
 def _run(over, root):
-    for st in ("reference", "tokenizer"):
+    # teacher: the dm fake's pre-trained start (loss.fake_init)
+    for st in ("reference", "teacher", "tokenizer"):
         assert run_stage.main(["--stage", st, *over, f"run_root={root}"]) == 0
 
 

@@ -58,7 +58,7 @@ class BackboneEncoder(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, image_size: int = 256, backbone: dict | None = None,
-                 latent_grid: int | None = None, freeze: bool = False) -> None:
+                 latent_grid: int | None = None, freeze: bool = False, norm_eval: bool = False) -> None:
         super().__init__()
         if not backbone:
             raise ValueError("encoder 'backbone' needs a `backbone:` section, e.g. "
@@ -71,6 +71,10 @@ class BackboneEncoder(nn.Module):
         self.out_features = int(self.bb.out_dim)
         self.weights_source = str(getattr(self.bb, "weights_source", "unknown"))
         self.freeze = bool(freeze)
+        # norm_eval: batch norms keep the statistics the backbone was trained (or stage 1 ran)
+        # with while the weights train; batch statistics of small batches would move every
+        # feature at the first step (the usual practice when fine-tuning a CNN backbone).
+        self.norm_eval = bool(norm_eval)
         if self.freeze:
             self.bb.requires_grad_(False)
         if latent_grid is None:
@@ -86,6 +90,10 @@ class BackboneEncoder(nn.Module):
         super().train(mode)
         if self.freeze:
             self.bb.eval()  # a frozen backbone keeps its inference behaviour (dropout, norms)
+        elif self.norm_eval and mode:
+            for m in self.bb.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

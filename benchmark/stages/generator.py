@@ -87,6 +87,19 @@ def draw_batch(g: torch.Generator, n_items: int, batch_size: int, shape: tuple[i
     return Batch(idx, t, eps, drop)
 
 
+def snapshot_steps(fractions, steps: int) -> dict[int, dict]:
+    """{step: {"fraction", "step", "file"}} for EMA snapshots at fractions of ``steps`` (0 < f < 1;
+    the end of training is ema.pt itself)."""
+    out: dict[int, dict] = {}
+    for f in fractions:
+        f = float(f)
+        if not 0.0 < f < 1.0:
+            raise ValueError(f"generator.snapshots: fractions must lie in (0, 1), got {f} (ema.pt is the end)")
+        step = max(1, round(f * steps))
+        out[step] = {"fraction": f, "step": step, "file": f"ema_{round(100 * f):03d}.pt"}
+    return out
+
+
 def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
           info: DistInfo | None = None) -> dict:
     """Train on (z_all, y_all) and write ema.pt to out_dir (rank 0); returns the stage's facts."""
@@ -115,6 +128,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
         net = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
                                       forward_sync_buffers=False)
     shape = tuple(z_all.shape[1:])
+    snaps = snapshot_steps(gc.snapshots, steps)
     t0, recent = time.perf_counter(), []
     bar = progress(steps, "generator", start) if info.is_main else tqdm(disable=True)
     for step in range(start, steps):
@@ -134,6 +148,10 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
         opt.step(); sched.step(); ema.update(model)
         recent = (recent + [float(mean_loss)])[-100:]
         bar.update(1)
+        if info.is_main and step + 1 in snaps:
+            # Written before the checkpoint of the same step: a resumed run never lacks one.
+            save_torch(Path(out_dir) / snaps[step + 1]["file"],
+                       {k: v.cpu() for k, v in ema.module.state_dict().items()})
         if info.is_main and ckpt.due(step + 1) and step + 1 < steps:
             ckpt.save(step + 1, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                       sched=sched.state_dict())
@@ -144,6 +162,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
         ckpt.remove()
     distributed.barrier()
     return {"generator_final_fm_loss": sum(recent) / max(1, len(recent)),
+            "ema_snapshots": [snaps[s] for s in sorted(snaps)],
             "generator_steps_per_s": (steps - start) / max(elapsed, 1e-9),
             "generator_params": sum(p.numel() for p in model.parameters()),
             "generator_world_size": info.world_size}

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.dag import Node, latent_shape
-from benchmark.stages.common import build_tokenizer_for, dataset, load_prior, load_tokenizer
+from benchmark.stages.common import ARCH_FILE, build_tokenizer_for, dataset, load_prior, load_tokenizer
 from benchmark.data import subset
 from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
@@ -55,9 +55,12 @@ def build_matching_loss(node: Node, prior) -> Any:
     lc = dict(cfg["loss"])
     cls = LOSSES.get(lc.pop("name"))
     inputs = {role: STAGES.get(dep.stage).output(dep) for role, dep in node.deps.items() if role != "reference"}
+    tc = TokenizerSettings.from_dict(cfg["tokenizer"], "tokenizer")
+    # A loss with networks of its own (dm's fake) may follow the tokenizer's optimiser recipe.
+    optim = {"lr": tc.match_lr or tc.lr, "warmup_steps": tc.lr_warmup_steps, "grad_clip": tc.grad_clip}
     return cls.from_config(lc, inputs=inputs, latent_shape=latent_shape(cfg),
                            num_classes=DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes,
-                           prior=prior)
+                           prior=prior, tokenizer_optim=optim)
 
 
 def output(node: Node):
@@ -123,9 +126,18 @@ class TokenizerTraining:
         device = self.device
         self.train = dataset(cfg, "train")
         self.prior = load_prior(node)
-        self.tok = build_tokenizer_for(cfg).train().to(device)
+        self.arch = stage1_architecture(cfg, self.prior, tc)
+        if self.arch is None:
+            self.tok = build_tokenizer_for(cfg).train().to(device)
+            self.prior_norm = None
+        else:
+            # The paper's DM stage starts from stage 1, unfrozen: the prior's backbone + MLP and
+            # decoder, with the bank's normalisation between the latents and the matching loss.
+            self.tok = build_tokenizer_for(cfg, arch=self.arch)
+            self.tok.load_state_dict({**self.tok.state_dict(), **self.prior.stage1_weights()})
+            self.tok = self.tok.train().to(device)
+            self.prior_norm = self.prior.stage1_norm()
         self.match = build_matching_loss(node, self.prior).to(device)  # moves dm's fake/teacher, discriminators
-        self.prior_norm = getattr(self.prior, "latent_norm", None)  # feature priors normalise their features
         self.p_weight = tc.perceptual_weight
         if self.p_weight > 0 and tc.perceptual is None:
             raise ValueError("tokenizer.perceptual_weight > 0 needs tokenizer.perceptual (mobilenet_v2 | lpips-vgg)")
@@ -134,14 +146,24 @@ class TokenizerTraining:
         channels = DatasetSettings.from_dict(cfg["dataset"], "dataset").channels
         self.gan = PatchGAN(channels, **gcfg).to(device) if float(gcfg.get("weight", 0)) > 0 else None
         self.opt = torch.optim.AdamW(self.tok.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_lambda(tc.lr_warmup_steps))
-        self.w_it, self.m_it, self.f_it = tc.warmup_iters, tc.match_iters, tc.finetune_iters
+        # With the stage-1 start the reference stage's stage 1 was the warm-up.
+        self.w_it = 0 if self.arch is not None else tc.warmup_iters
+        # The scheduler counts tokenizer updates, one per warm-up iteration: from update w_it on
+        # (the DM stage) the rate is match_lr, the rate the dm loss's fake also trains at.
+        warm, ratio, w_it = warmup_lambda(tc.lr_warmup_steps), (tc.match_lr or tc.lr) / tc.lr, self.w_it
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: warm(s) * (ratio if s >= w_it else 1.0))
+        self.m_it, self.f_it = tc.match_iters, tc.finetune_iters
         self.total = self.w_it + self.m_it + self.f_it
         self.frozen_warmup = tc.warmup_frozen_encoder
         self.data_rng = torch.Generator().manual_seed(self.seed + 7)
         self.ckpt = Checkpoint(node.dir / "ckpt.pt", tc.checkpoint_every)
         self.shape = tuple(self.tok.latent_shape)
         self.logs: dict[str, float] = {}
+        # Latent statistics over training on a fixed batch (rank 0): do they settle before the
+        # DM phase ends? (latent_curve.json)
+        self.curve: list[dict] = []
+        self.stats_x = subset(self.train, 512, seed=self.seed + 5).float_batch(torch.arange(min(512, len(self.train)))) \
+            if tc.stats_every > 0 else None
 
     # ---- checkpoints
 
@@ -152,6 +174,7 @@ class TokenizerTraining:
             self.tok.load_state_dict(state["tok"]); self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"]); self.match.load_state_dict(state["match"])
             self.match.load_extra_state(state["match_extra"]); self.data_rng.set_state(state["data_rng"])
+            self.curve = list(state.get("curve", []))
             if self.gan is not None:
                 self.gan.load_state_dict(state["gan"]); self.gan.opt.load_state_dict(state["gan_opt"])
             start = state["step"]
@@ -163,7 +186,7 @@ class TokenizerTraining:
         extra = {"gan": gan.state_dict(), "gan_opt": gan.opt.state_dict()} if gan is not None else {}
         self.ckpt.save(next_it, tok=_plain_state(self.tok), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
                        match=self.match.state_dict(), match_extra=self.match.extra_state(),
-                       data_rng=self.data_rng.get_state(), **extra)
+                       data_rng=self.data_rng.get_state(), curve=self.curve, **extra)
 
     # ---- pieces of a step
 
@@ -250,7 +273,8 @@ class TokenizerTraining:
         return x_rec, z.detach()
 
     def matching_networks_step(self, z_det: torch.Tensor, y_all: torch.Tensor, it: int) -> None:
-        """The loss's own networks (dm's fake) track q(z), from the first iteration on."""
+        """The loss's own networks track q(z): from the first iteration on, or from the matching
+        phase on for losses with ``update_in_warmup = False`` (dm, as the paper's DM stage)."""
         with self.autocast():
             self.logs.update(self.match.update(self.norm(gather_rows(z_det, self.rank)), y_all, it))
 
@@ -283,9 +307,23 @@ class TokenizerTraining:
             else:
                 with torch.no_grad(), self.autocast():
                     z_det = self.tok.encode(x).float()
-            self.matching_networks_step(z_det, y_all, it)
+            if phase == "match" or self.match.update_in_warmup:
+                self.matching_networks_step(z_det, y_all, it)
         if self.gan is not None and x_rec is not None and self.gan.active(it):
             self.disc_step(x, x_rec, it)
+
+    def stats_due(self, done: int) -> bool:
+        every = self.tc.stats_every
+        return every > 0 and (done % every == 0 or done == self.total)
+
+    @torch.no_grad()
+    def record_stats(self, done: int) -> None:
+        """Std and mean of the (matching-space) latents of the fixed batch, and their sliced
+        Wasserstein distance to samples of p_ref, after ``done`` iterations."""
+        with self.autocast():
+            z = self.norm(self.tok.encode(self.stats_x.to(self.device)).float()).cpu()
+        self.curve.append({"iter": done, "phase": self.phase(max(done - 1, 0)), "latent_std": float(z.std()),
+                           "latent_mean": float(z.mean()), "swd_to_prior": _swd_to_prior(z, self.prior)})
 
     # ---- the end
 
@@ -296,20 +334,50 @@ class TokenizerTraining:
         z_all = encode_all(tok, subset(self.train, tc.norm_images, seed=self.seed), device=self.device)
         lnorm = LatentNorm.fit(z_all)
         save_torch(self.node.dir / "tokenizer.pt", {k: v.cpu() for k, v in _plain_state(tok).items()})
+        if self.arch is not None:
+            write_json(self.node.dir / ARCH_FILE, self.arch)
         lnorm.save(self.node.dir / "latent_norm.json")
         swd = _swd_to_prior(self.norm(z_all), self.prior)
         self.ckpt.remove()
         total, bs, gan, perceptual = self.total, self.bs, self.gan, self.perceptual
         write_json(self.node.dir / "final_logs.json", self.logs)
+        if self.curve:
+            write_json(self.node.dir / "latent_curve.json", self.curve)
         return {"latent_mean": lnorm.mean, "latent_scale": lnorm.scale, "latent_swd_to_prior": swd,
+                "latent_std_to_prior": float(self.norm(z_all).std()),  # N(0, I) and banks: 1 when matched
                 "tokenizer_iters": total, "tokenizer_iters_per_s": (total - start) / max(elapsed, 1e-9),
                 "tokenizer_images_per_s": (total - start) * bs / max(elapsed, 1e-9),
                 "tokenizer_world_size": self.world, "tokenizer_precision": self.precision,
+                "tokenizer_design": describe_design(self.arch or self.cfg["tokenizer"], self.arch is not None),
+                "tokenizer_warmup_iters": self.w_it,
                 "tokenizer_compile": tc.compile,
                 "perceptual": perceptual.name if perceptual is not None else "none",
                 "perceptual_weight": self.p_weight,
                 "final_rec_loss": self.logs.get("rec", float("nan")), **self.match.describe(),
                 **(gan.describe() if gan is not None else {"gan": "none"})}
+
+
+def stage1_architecture(cfg: dict, prior, tc: TokenizerSettings) -> dict | None:
+    """The tokenizer section rebuilding the prior's stage-1 model, when the design asks for it
+    and the prior has one (feature priors); None = the preset's encoder and decoder."""
+    if tc.design != "stage1" or not callable(getattr(prior, "stage1_architecture", None)):
+        return None
+    if LOSSES.get(cfg["loss"]["name"]).needs_posterior:
+        raise ValueError(f"tokenizer.design=stage1 starts from the deterministic stage-1 model of prior "
+                         f"{cfg['prior']['name']!r}, but loss {cfg['loss']['name']!r} needs a stochastic "
+                         f"encoder; use tokenizer.design=preset")
+    return prior.stage1_architecture(DatasetSettings.from_dict(cfg["dataset"], "dataset").resolution)
+
+
+def describe_design(section: dict, stage1: bool) -> str:
+    """One line for the tables: what the encoder and decoder are."""
+    enc, dec = section["encoder"], section["decoder"]
+    if enc["name"] == "backbone":
+        e = f"{enc['backbone']['name']} backbone + MLP"
+    else:
+        e = f"{enc['name']} encoder (ch {enc.get('ch', enc.get('embed_dim', '?'))})"
+    d = f"{dec['name']} decoder (ch {dec.get('ch', '?')})"
+    return f"{'stage-1 start: ' if stage1 else ''}{e}, {d}"
 
 
 def run(node: Node) -> dict:
@@ -320,8 +388,12 @@ def run(node: Node) -> dict:
         t.tok.encoder.compile(); t.tok.decoder.compile()
     t0 = time.perf_counter()
     bar = progress(t.total, "tokenizer", start) if t.info.is_main else tqdm(disable=True)
+    if t.info.is_main and start == 0 and t.stats_x is not None:
+        t.record_stats(0)
     for it in range(start, t.total):
         t.iteration(it)
+        if t.info.is_main and t.stats_due(it + 1):
+            t.record_stats(it + 1)
         bar.update(1)
         if bar.disable is False:
             bar.set_postfix({k: f"{v:.3g}" for k, v in t.logs.items()})

@@ -31,6 +31,7 @@ def config_kwargs(cls: type, loss_cfg: dict[str, Any]) -> dict[str, Any]:
 class MatchingLoss(nn.Module):
     needs_posterior = False     # True: forward needs the encoder's (mean, logvar)
     tokenizer_every = 1
+    update_in_warmup = True     # False: the loss's own networks start training with the matching phase
 
     # ---- what the runner asks of a loss class before and when it builds one
 

@@ -21,6 +21,16 @@ from priors.registry import LOSSES
 
 
 TEACHER_MODES = ("auto", "exact", "trained")
+FAKE_INITS = ("pretrained", "random")
+
+
+def fake_pretrain_needed(cfg: dict[str, Any]) -> bool:
+    """Whether a dm cell trains a network on p_ref only to start its fake from (the teacher is
+    the prior's exact score). The paper starts the fake as a copy of a network that already
+    models p_ref (its teacher); with an exact teacher there is no such network unless one is
+    trained, and a fake from random weights gives a spurious gradient larger than the signal
+    at the start of the DM phase (measured: benchmark/dm_fidelity.py, README)."""
+    return cfg["loss"].get("fake_init", "pretrained") == "pretrained" and not needs_trained_teacher(cfg)
 
 
 def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
@@ -42,21 +52,34 @@ def needs_trained_teacher(cfg: dict[str, Any]) -> bool:
 class DistributionMatching(MatchingLoss):
     # `teacher` (auto | exact | trained) decides what from_config passes as the teacher network;
     # the teacher_* keys are the teacher stage's (benchmark/stages/teacher.py).
+    # The paper's DM stage starts after stage 1 with the fake as a copy of the teacher; a fake
+    # trained on the warm-up's latents would start the DM phase somewhere else (and drift: with
+    # q = p_ref, 130 warm-up steps at lr 3e-4 took its error from 0.10 to 0.18 of the 1.5x signal).
+    update_in_warmup = False
     config_keys_read_elsewhere = ("teacher", "teacher_steps", "teacher_batch_size", "teacher_lr",
-                                  "teacher_checkpoint_every")
+                                  "teacher_checkpoint_every", "teacher_plateau", "teacher_seed", "fake_init")
 
     @classmethod
     def upstream(cls, cfg: dict[str, Any]) -> dict[str, Any]:
-        """A trained teacher when the prior has no exact score (or loss.teacher=trained): the
-        ``teacher`` stage, trained on samples of the prior the reference stage fitted."""
+        """A score network trained on samples of p_ref (the ``teacher`` stage, after the
+        reference stage fitted the prior): the teacher itself when the prior has no exact score
+        (or loss.teacher=trained), else, with ``fake_init: pretrained``, only the fake's
+        starting point (role ``fake_init``; the exact score stays the teacher)."""
         from benchmark.upstream import Need
-        if not needs_trained_teacher(cfg):
+        trained = needs_trained_teacher(cfg)
+        if not trained and not fake_pretrain_needed(cfg):
             return {}
         loss = cfg["loss"]
         params = {k: loss[k] for k in ("score_net", "score_net_args", "teacher_steps", "teacher_batch_size",
                                        "teacher_lr")}
-        params.update(num_classes=cfg["dataset"]["num_classes"], seed=cfg["seed"])
-        return {"teacher": Need("teacher", params, after=("reference",))}
+        if loss.get("teacher_plateau"):
+            # Only when set, so that stage keys of configs without a plateau rule stay as they were.
+            params["teacher_plateau"] = loss["teacher_plateau"]
+        # Seeded by teacher_seed, not the cell's seed: the teacher models p_ref, which the reference
+        # stage fits once for every seed of a prior, so one teacher serves them all (as the
+        # reference does) instead of training one per seed.
+        params.update(num_classes=cfg["dataset"]["num_classes"], seed=int(loss.get("teacher_seed", 0)))
+        return {"teacher" if trained else "fake_init": Need("teacher", params, after=("reference",))}
 
     @classmethod
     def validate(cls, cfg: dict[str, Any]) -> None:
@@ -65,6 +88,8 @@ class DistributionMatching(MatchingLoss):
         loss = cfg["loss"]
         if loss.get("teacher") not in TEACHER_MODES:
             raise ValueError(f"loss.teacher must be auto, exact or trained; got {loss.get('teacher')!r}")
+        if loss.get("fake_init", "pretrained") not in FAKE_INITS:
+            raise ValueError(f"loss.fake_init must be pretrained or random; got {loss.get('fake_init')!r}")
         if loss.get("score_net") not in GENERATORS:
             raise ValueError(f"unknown generator {loss.get('score_net')!r} for loss.score_net. "
                              f"Known generators: {', '.join(sorted(GENERATORS))}")
@@ -74,20 +99,34 @@ class DistributionMatching(MatchingLoss):
     def from_config(cls, loss_cfg: dict[str, Any], *, inputs: dict[str, Any], prior: Any = None,
                     **runner_args: Any) -> "DistributionMatching":
         """The teacher is the trained network of the ``teacher`` stage when upstream declared
-        one, else the prior's exact score."""
+        one, else the prior's exact score, with the fake started from the ``fake_init``
+        network when there is one. The fake's optimiser settings left null take the tokenizer's
+        (``runner_args["tokenizer_optim"]``: the paper trains VAE and fake with one recipe).
+        DM CFG needs labels: with a prior that ignores them (N(0, I), GMM, a class subset) the
+        teacher's conditional and unconditional fields are the same, so guidance would scale
+        only the fake's label signal; the scale is then 1 and the record says so."""
         teacher = inputs.get("teacher")
         kind = "trained" if teacher is not None else "exact"
         if teacher is None:
             teacher = ExactTeacher(prior)
-        return cls(**config_kwargs(cls, loss_cfg), teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
-                   num_classes=runner_args["num_classes"])
+        kwargs = config_kwargs(cls, loss_cfg)
+        optim = runner_args.get("tokenizer_optim") or {}
+        for key, tok_key in (("fake_lr", "lr"), ("fake_warmup_steps", "warmup_steps"), ("fake_grad_clip", "grad_clip")):
+            if kwargs.get(key) is None and tok_key in optim:
+                kwargs[key] = optim[tok_key]
+        if prior is not None and not getattr(prior, "class_conditional", False) or \
+                getattr(prior, "classes", None) is not None:
+            kwargs["cfg_scale"] = 1.0
+        return cls(**kwargs, teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
+                   num_classes=runner_args["num_classes"], fake_init=inputs.get("fake_init"))
 
     def __init__(self, weight: float = 1.0, *, teacher: nn.Module, latent_shape: tuple[int, ...],
                  num_classes: int, t_range: tuple[float, float] = (0.0, 1.0),
-                 cfg_scale: float = 1.0, vae_train_every: int = 5, fake_lr: float = 2e-4,
+                 cfg_scale: float = 1.0, vae_train_every: int = 5, fake_lr: float | None = 2e-4,
                  fake_betas: tuple[float, float] = (0.9, 0.95), fake_weight_decay: float = 0.005,
+                 fake_warmup_steps: int | None = 0, fake_grad_clip: float | None = None,
                  score_net: str = "Tiny", score_net_args: dict | None = None,
-                 teacher_kind: str = "trained") -> None:
+                 teacher_kind: str = "trained", fake_init: nn.Module | None = None) -> None:
         super().__init__(weight)
         t0, t1 = map(float, t_range)
         if not 0.0 <= t0 < t1 <= 1.0:
@@ -102,12 +141,24 @@ class DistributionMatching(MatchingLoss):
         if isinstance(teacher, nn.Module) and any(True for _ in teacher.parameters()):
             # The paper initialises the fake network as a copy of the teacher.
             self.fake = copy.deepcopy(teacher).train().requires_grad_(True)
+            self.fake_init = "teacher"
+        elif fake_init is not None:
+            # Exact teacher: the fake starts from a network pre-trained on p_ref instead.
+            self.fake = copy.deepcopy(fake_init).train().requires_grad_(True)
+            self.fake_init = "pretrained"
         else:
             c, h, w = latent_shape
             self.fake = build_generator(score_net, input_size=h, in_channels=c,
                                         num_classes=num_classes, **(score_net_args or {}))
-        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=fake_lr,
+            self.fake_init = "random"
+        if fake_lr is None:
+            raise ValueError("dm fake_lr is null (= the tokenizer's lr) but no tokenizer lr was given")
+        self.fake_lr = float(fake_lr)
+        self.fake_grad_clip = None if fake_grad_clip is None else float(fake_grad_clip)
+        self.fake_opt = torch.optim.AdamW(self.fake.parameters(), lr=self.fake_lr,
                                           betas=tuple(fake_betas), weight_decay=fake_weight_decay)
+        warm = max(1, int(fake_warmup_steps or 0))
+        self.fake_sched = torch.optim.lr_scheduler.LambdaLR(self.fake_opt, lambda s: min(1.0, (s + 1) / warm))
 
     def update(self, z: torch.Tensor, labels: torch.Tensor, step: int) -> dict[str, float]:
         """One flow-matching step of the fake network on the current (detached) latents."""
@@ -115,7 +166,10 @@ class DistributionMatching(MatchingLoss):
         loss = flow_matching_loss(self.fake, z.detach(), labels)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.fake_grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.fake_grad_clip)
         self.fake_opt.step()
+        self.fake_sched.step()
         return {"fake_fm": float(loss.detach())}
 
     def direction(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -142,12 +196,14 @@ class DistributionMatching(MatchingLoss):
         return loss, {"dm": float(loss.detach()), "dm_grad_norm": float(g.norm() / g.numel() ** 0.5)}
 
     def extra_state(self) -> dict[str, Any]:
-        return {"fake_opt": self.fake_opt.state_dict()}
+        return {"fake_opt": self.fake_opt.state_dict(), "fake_sched": self.fake_sched.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.fake_opt.load_state_dict(state["fake_opt"])
+        if "fake_sched" in state:
+            self.fake_sched.load_state_dict(state["fake_sched"])
 
     def describe(self) -> dict[str, Any]:
-        return {"lambda": self.weight, "dm_teacher": self.teacher_kind,
-                "dm_cfg": self.cfg_scale, "dm_t_range": list(self.t_range),
+        return {"lambda": self.weight, "dm_teacher": self.teacher_kind, "dm_fake_init": self.fake_init,
+                "dm_fake_lr": self.fake_lr, "dm_cfg": self.cfg_scale, "dm_t_range": list(self.t_range),
                 "dm_vae_train_every": self.tokenizer_every}
