@@ -34,7 +34,8 @@ def base_keys(tmp_path_factory):
 
 
 @pytest.mark.parametrize("override,changed", [
-    ("grid.seeds=[1]", {"teacher"} | DOWN_OF_TOKENIZER),
+    ("grid.seeds=[1]", DOWN_OF_TOKENIZER),  # the teacher models p_ref: loss.teacher_seed, shared by seeds
+    ("loss.teacher_seed=1", {"teacher"} | DOWN_OF_TOKENIZER),
     # fid_ref measures the real-vs-real floors at every count; recon_eval follows its key.
     ("eval.n_samples=400", EVAL),
     ("eval.sampler.steps=8", {"gen_eval"}),
@@ -83,7 +84,7 @@ def test_num_classes_reaches_teacher_and_generator(base_keys, tmp_path):
     ("prior.stage1.checkpoint_every=7", set()),
     ("prior.stage1.iters=5", {"reference", "teacher"} | DOWN_OF_TOKENIZER),
     ("prior.label=renamed", set()),
-    ("grid.seeds=[1]", {"teacher"} | DOWN_OF_TOKENIZER),  # the MAE and the bank have their own seeds
+    ("grid.seeds=[1]", DOWN_OF_TOKENIZER),  # the MAE, the bank and the teacher have their own seeds
 ])
 def test_sensitivity_feature_prior(override, changed, tmp_path):
     base = ["grid=single", "prior=offline-ssl"]
@@ -172,7 +173,7 @@ def test_dependency_roles_and_order(tmp_path):
         assert all(pos[d.key] < pos[node.key] for d in node.deps.values())
     assert n["teacher"].slice["seed"] == 0 and n["teacher"].slice["num_classes"] == 10
     assert set(n["teacher"].slice) == {"score_net", "score_net_args", "teacher_steps", "teacher_batch_size",
-                                       "teacher_lr", "num_classes", "seed"}
+                                       "teacher_lr", "teacher_plateau", "num_classes", "seed"}
 
 
 def test_node_dedup_cells_and_paths(tmp_path):

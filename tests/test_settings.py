@@ -179,6 +179,9 @@ DIFFERS_FROM_CPU_TINY = {
     ("generator", "reproduces"), ("generator", "epochs"),
     ("eval", "bootstrap"),        # absent = no intervals; cpu-tiny sets 200 replicates
     ("eval", "domain"),           # absent = no domain detector; cpu-tiny enables it
+    ("tokenizer", "stats_every"), # absent = no latent curve; cpu-tiny records one every 50 iterations
+    ("tokenizer", "match_lr"),    # absent = lr throughout; cpu-tiny lowers the DM phase's to 3e-4
+    ("generator", "snapshots"),   # absent = no EMA snapshots; cpu-tiny keeps three
 }
 
 

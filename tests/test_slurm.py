@@ -175,10 +175,11 @@ def tokenizer_reference(root):
 @needs_cluster
 def test_default_grid_matches_local_launcher(default_sweep, root):
     _, sweep, st = default_sweep
-    assert st["counts"] == {"pending": 0, "running": 0, "done": 10, "failed": 0}, status.render(st)
+    assert st["counts"] == {"pending": 0, "running": 0, "done": 12, "failed": 0}, status.render(st)
     assert {c["state"] for c in st["cells"]} == {"done"}
     jobs = launch_slurm.load_jobs(sweep)
-    assert len({j["job_id"] for j in jobs.values()}) == 11  # 10 stages (fid_ref, reference shared) + tables
+    # 12 stages (domain_detector, fid_ref, reference and the dm fake's teacher shared; 4 per cell) + tables
+    assert len({j["job_id"] for j in jobs.values()}) == 13
     assert sum(j["stage"] == "fid_ref" for j in jobs.values()) == 1
     a = pd.read_csv(sweep / "results.csv").set_index("loss")
     b = pd.read_csv(next((root / "local" / "sweeps").iterdir()) / "results.csv").set_index("loss")
@@ -197,7 +198,7 @@ def test_rerun_submits_nothing_finished(default_sweep, caplog):
     assert "| gaussian |" in (sweep / "results.md").read_text()
     out = subprocess.run([sys.executable, "-m", "benchmark.status", str(sweep)], capture_output=True, text=True,
                          check=True).stdout
-    assert "10 stages: 0 pending, 0 running, 10 done, 0 failed" in out
+    assert "12 stages: 0 pending, 0 running, 12 done, 0 failed" in out
 
 
 @needs_cluster
