@@ -97,7 +97,9 @@ def test_generator_eval_and_loss_numbers():
     assert _quoted(r"normalised latents of ([\d,]+) training images") == (g["train_images"],)
     assert _quoted(r"generator ([\d,]+) instead of [\d,]+ steps") == (g["steps"],)
     assert _quoted(r"`gen_eval`: ([\d,]+) class-balanced samples \(Euler, (\d+) steps") == \
-        (ev["n_samples"], ev["sampler"]["steps"])
+        (ev["domain"]["n_samples"], ev["sampler"]["steps"])
+    assert _quoted(r"decoded; the first ([\d,]+)\s+scored with torch-fidelity") == (ev["n_samples"],)
+    assert _quoted(r"each EMA\s+snapshot on ([\d,]+) samples") == (ev["domain"]["snapshot_n_samples"],)
     assert ev["sampler"]["method"] == "euler" and ev["sampler"]["cfg_scale"] == 1.0  # "no CFG"
     assert _quoted(r"`fid_ref`: Inception features of ([\d,]+) held-out") == (ev["n_ref"],)
     assert _quoted(r"teacher ([\d,]+) steps of ([\d,]+)\)") == (dm["teacher_steps"], dm["teacher_batch_size"])

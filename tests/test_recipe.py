@@ -194,3 +194,14 @@ def test_stage1_tokenizer_starts_at_its_own_bank(one_thread):
     tok.train()
     bns = [m for m in tok.encoder.bb.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and not any(m.training for m in bns) and tok.decoder.training
+
+
+def test_design_grid_keeps_the_two_designs_apart():
+    """grid=design: the same prior under both tokenizer designs is two table rows, not two seeds
+    of one row."""
+    from benchmark import config
+    _, cells = config.load(["grid=design"])
+    rows = {(c.keys["prior"], c.keys["tokenizer"]) for c in cells}
+    assert rows == {("offline-mae", "cpu-tiny"), ("offline-mae", "cpu-tiny (preset design)"),
+                    ("mobilenet_v2-sup", "cpu-tiny"), ("mobilenet_v2-sup", "cpu-tiny (preset design)")}
+    assert len(cells) == 8  # two seeds
