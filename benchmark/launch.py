@@ -151,8 +151,8 @@ def run_local(order: list[Node], workers: int = 1, threads_per_worker: int | Non
 
 # Rough relative cost of each stage kind at the CPU presets (measured wall times, in minutes);
 # only their order matters for scheduling.
-STAGE_COST = {"fid_ref": 0.75, "ssl_backbone": 1.0, "reference": 0.6, "teacher": 1.0, "tokenizer": 2.0,
-              "recon_eval": 1.0, "generator": 1.75, "gen_eval": 1.0}
+STAGE_COST = {"domain_detector": 4.5, "fid_ref": 1.0, "ssl_backbone": 1.2, "reference": 0.8, "teacher": 8.0,
+              "tokenizer": 3.0, "recon_eval": 1.5, "generator": 2.0, "gen_eval": 3.0}
 
 
 def critical_path(nodes: list[Node]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from benchmark import dm_fidelity as fid
 
 SHAPE, NCLS = (4, 8, 8), 10
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.measurement]  # ~10 min: `make test-all`
 
 
 @pytest.fixture(scope="module")
