@@ -94,5 +94,6 @@ def test_lambda_has_one_name_and_the_old_spelling_still_works(caplog):
     from priors.analytic import GaussianPrior
     prior = GaussianPrior((4, 8, 8))
     dm = LOSSES.get("dm").from_config({k: v for k, v in new.cfg["loss"].items() if k != "name"}, inputs={},
-                                      latent_shape=(4, 8, 8), num_classes=10, prior=prior)
+                                      latent_shape=(4, 8, 8), num_classes=10, prior=prior,
+                                      tokenizer_optim={"lr": 1e-3})  # the runner passes it (fake_lr: null)
     assert dm.weight == 3 and dm.describe()["lambda"] == 3 and isinstance(dm.teacher, ExactTeacher)
