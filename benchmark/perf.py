@@ -86,7 +86,10 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     tok = build_tokenizer_for(cfg).train()
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
     prior = build_prior(cfg)
-    dm = LOSSES.get("dm").from_config(cfg["loss"], inputs={}, latent_shape=shape, num_classes=ncls, prior=prior)
+    # The fake's optimiser follows the tokenizer's DM-phase recipe, as in the tokenizer stage.
+    optim = {"lr": tc.get("match_lr") or tc["lr"], "warmup_steps": tc["lr_warmup_steps"], "grad_clip": tc["grad_clip"]}
+    dm = LOSSES.get("dm").from_config(cfg["loss"], inputs={}, latent_shape=shape, num_classes=ncls, prior=prior,
+                                      tokenizer_optim=optim)
 
     import contextlib
     # The preset's precision, as the tokenizer stage runs it (bf16 autocast on this CPU).
