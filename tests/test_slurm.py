@@ -257,7 +257,7 @@ def test_requeued_tokenizer_resumes_to_the_same_weights(default_sweep, root, tok
     _start_now(job)
     ref = tokenizer_reference()  # meanwhile, the same tokenizer uninterrupted
     st = _wait(sweep)
-    assert st["counts"]["done"] == 6, status.render(st)
+    assert st["counts"]["done"] == 7, status.render(st)  # kl cell: 6 stages + domain_detector
     log_text = Path(jobs[key]["log"]).read_text()
     assert log_text.count(f"{key}: slurm job {job}, task 0/1") == 2  # the same job id ran again (append mode)
     assert f"{key}: slurm job {job} was requeued (restart 1)" in log_text
