@@ -38,9 +38,9 @@ def test_register_stage_records_every_field_and_refuses_duplicates(tmp_path, mon
 
 def test_builtin_stage_kinds_are_registered_with_their_versions():
     import benchmark.stages  # noqa: F401
-    kinds = {n: upstream.STAGES.get(n) for n in ("fid_ref", "ssl_backbone", "reference", "teacher",
+    kinds = {n: upstream.STAGES.get(n) for n in ("domain_detector", "fid_ref", "ssl_backbone", "reference", "teacher",
                                                  "tokenizer", "recon_eval", "generator", "gen_eval")}
-    assert {n: k.version for n, k in kinds.items()} == {"fid_ref": 1, "ssl_backbone": 1, "reference": 3,
+    assert {n: k.version for n, k in kinds.items()} == {"domain_detector": 1, "fid_ref": 1, "ssl_backbone": 1, "reference": 3,
                                                        "teacher": 3, "tokenizer": 2, "recon_eval": 1,
                                                        "generator": 3, "gen_eval": 1}
     assert {n for n, k in kinds.items() if k.distributed} == {"tokenizer", "generator"}
