@@ -126,6 +126,7 @@ def train_teacher(cfg: dict, root) -> tuple[nn.Module, dict]:
 
 def fake_after(cfg: dict, inputs: dict, steps: int, lr: float | None = None) -> DistributionMatching:
     """The dm loss as the tokenizer stage builds it, its fake trained ``steps`` steps on q = p_ref."""
+    from benchmark.settings import TokenizerSettings
     from priors import PRIORS
     tc, shape, ncls = cfg["tokenizer"], (4, 8, 8), int(cfg["dataset"]["num_classes"])
     lc = {k: v for k, v in cfg["loss"].items() if k != "name"}
@@ -133,8 +134,7 @@ def fake_after(cfg: dict, inputs: dict, steps: int, lr: float | None = None) -> 
         lc["fake_lr"] = lr
     loss = DistributionMatching.from_config(
         lc, inputs=inputs, prior=PRIORS.get("gaussian")(latent_shape=shape), latent_shape=shape, num_classes=ncls,
-        tokenizer_optim={"lr": tc.get("match_lr") or tc["lr"], "warmup_steps": tc["lr_warmup_steps"],
-                         "grad_clip": tc["grad_clip"]})
+        tokenizer_optim=TokenizerSettings.from_dict(tc, "tokenizer").matching_optim())
     g = torch.Generator().manual_seed(123)
     bs = int(tc["batch_size"])
     for step in range(steps):

@@ -74,6 +74,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     from benchmark.stages.common import build_prior, build_tokenizer_for
     from benchmark.stages.generator import build_model
     from generators import flow_matching_loss, sample
+    from benchmark.settings import TokenizerSettings
     from priors import LOSSES
 
     tc, gc = cfg["tokenizer"], cfg["generator"]
@@ -87,7 +88,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
     opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
     prior = build_prior(cfg)
     # The fake's optimiser follows the tokenizer's DM-phase recipe, as in the tokenizer stage.
-    optim = {"lr": tc.get("match_lr") or tc["lr"], "warmup_steps": tc["lr_warmup_steps"], "grad_clip": tc["grad_clip"]}
+    optim = TokenizerSettings.from_dict(tc, "tokenizer").matching_optim()
     dm = LOSSES.get("dm").from_config(cfg["loss"], inputs={}, latent_shape=shape, num_classes=ncls, prior=prior,
                                       tokenizer_optim=optim)
 

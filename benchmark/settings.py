@@ -133,6 +133,11 @@ class TokenizerSettings(Settings):
     precision: Precision = "fp32"    # absent = fp32; every preset sets bf16 (the paper's autocast)
     compile: bool = False            # torch.compile the encoder and decoder
 
+    def matching_optim(self) -> dict[str, Any]:
+        """The optimiser recipe of the DM phase, which a matching loss with networks of its own
+        (dm's fake) follows: the paper trains VAE and fake with one recipe."""
+        return {"lr": self.match_lr or self.lr, "warmup_steps": self.lr_warmup_steps, "grad_clip": self.grad_clip}
+
 
 @dataclass(frozen=True, kw_only=True)
 class GeneratorSettings(Settings):

@@ -55,9 +55,8 @@ def build_matching_loss(node: Node, prior) -> Any:
     lc = dict(cfg["loss"])
     cls = LOSSES.get(lc.pop("name"))
     inputs = {role: STAGES.get(dep.stage).output(dep) for role, dep in node.deps.items() if role != "reference"}
-    tc = TokenizerSettings.from_dict(cfg["tokenizer"], "tokenizer")
     # A loss with networks of its own (dm's fake) may follow the tokenizer's optimiser recipe.
-    optim = {"lr": tc.match_lr or tc.lr, "warmup_steps": tc.lr_warmup_steps, "grad_clip": tc.grad_clip}
+    optim = TokenizerSettings.from_dict(cfg["tokenizer"], "tokenizer").matching_optim()
     return cls.from_config(lc, inputs=inputs, latent_shape=latent_shape(cfg),
                            num_classes=DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes,
                            prior=prior, tokenizer_optim=optim)
