@@ -82,8 +82,10 @@ def _required(f: dataclasses.Field) -> bool:
 @dataclass(frozen=True, kw_only=True)
 class SamplerSettings(Settings):
     """``eval.sampler``: how gen_eval integrates the generator's flow."""
-    method: str                      # euler | heun (generators.sample)
-    steps: int                       # integration steps (cpu-tiny: 32)
+    # generators.sampling.METHODS; the paper samples with the SDE, Euler-Maruyama 250 steps
+    # (DMVAE_METHOD.md), which eval=paper sets
+    method: Literal["euler", "heun", "euler_maruyama"]
+    steps: int                       # integration steps (cpu-tiny: 32; paper: 250)
     cfg_scale: float                 # 1 = no classifier-free guidance
     time_shift: float                # 1 = no shift of the time grid
     cfg_interval: tuple[float, float] = (0.0, 1.0)  # guidance only for t in [t0, t1]; default: always
@@ -154,7 +156,7 @@ class GeneratorSettings(Settings):
     model_args: dict = field(default_factory=dict)  # generator kwargs (patch_size, ...), a plug-in section
     label_dropout: float             # paper: 0.1; model_args.class_dropout_prob overrides it
     # data and optimisation
-    train_images: int                # latents encoded once, then held in memory; paper: 1,281,167
+    train_images: int                # latents encoded once (stage latent_cache); paper: 1,281,167
     batch_size: int                  # the global batch; paper: 1024
     steps: int                       # paper: 80073 = 64 epochs
     lr: float                        # paper: 2e-4
@@ -168,6 +170,10 @@ class GeneratorSettings(Settings):
     # EMA weights kept at these fractions of training (ema_025.pt, ...; gen_eval scores them):
     # the paper's gFID-vs-epochs view, and a check that a ranking is not an artefact of one length.
     snapshots: tuple[float, ...] = ()
+    # Images per shard file of the latent cache (benchmark/stages/latent_cache.py): one unit of
+    # work of a rank and of resume after a kill. A multiple of encode_all's batch (500) keeps the
+    # cached latents bit-identical to encoding the whole set at once.
+    cache_shard_size: int = 10000
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -225,11 +231,45 @@ class EvalSettings(Settings):
     labels: Optional[Literal["balanced", "random"]] = None  # None = balanced (n / K per class)
     ref_npz: Optional[str] = None    # ADM-style reference statistics -> extra column gfid_ref_npz
     bootstrap: int = 0               # bootstrap replicates for 95% intervals of every FD (<fd>_lo, <fd>_hi); 0 = none
+    # gen_eval draws its samples in shards of this many, each from its own generator seeded by
+    # (cell seed, shard index), and rank r of W takes shards r, r + W, ...: the samples depend on
+    # shard_size (it is also the sampler's batch) but not on the number of ranks or batch_size.
+    shard_size: int = 250
+    save_npz: bool = False           # also write samples.npz (arr_0 uint8 NHWC RGB, ADM evaluator's format)
     domain: DomainSettings = field(default_factory=DomainSettings)
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.batch_size < 1:
+            raise SettingsError(f"eval.shard_size={self.shard_size} and eval.batch_size={self.batch_size} "
+                                f"must be >= 1")
+        if self.ref_npz is not None:
+            _check_ref_npz(self.ref_npz)
 
     @property
     def label_mode(self) -> str:
         return self.labels or "balanced"
+
+
+def _check_ref_npz(path: str) -> None:
+    """``eval.ref_npz`` must be an .npz holding ``mu`` and ``sigma`` (ADM's reference batches,
+    e.g. VIRTUAL_imagenet256_labeled.npz, do): checked when the config is, so a wrong path fails
+    before any stage runs rather than after 50K samples. An .npz is a zip of ``<name>.npy``
+    members, so the standard library can list them without reading the arrays."""
+    import zipfile
+    from pathlib import Path
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise SettingsError(f"eval.ref_npz: no file at {p} (ADM-style reference statistics with 'mu' and "
+                            f"'sigma', e.g. VIRTUAL_imagenet256_labeled.npz from openai/guided-diffusion)")
+    try:
+        with zipfile.ZipFile(p) as z:
+            names = {n.removesuffix(".npy") for n in z.namelist()}
+    except zipfile.BadZipFile as exc:
+        raise SettingsError(f"eval.ref_npz: {p} is not an .npz archive ({exc})") from exc
+    missing = [k for k in ("mu", "sigma") if k not in names]
+    if missing:
+        raise SettingsError(f"eval.ref_npz: {p} has no {', '.join(missing)} array; it holds "
+                            f"{', '.join(sorted(names)) or 'nothing'} (expected ADM reference statistics)")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -238,11 +278,22 @@ class DatasetSettings(Settings):
     preset: Optional[str] = None     # documentation only
     reproduces: Optional[str] = None
     description: Optional[str] = None
-    name: str                        # benchmark.data loader name
+    name: str                        # benchmark.datasets.DATASETS name (fashion_mnist, mnist, imagenet, folder)
     resolution: int                  # images are zero-padded/resized to this side
     channels: int
     num_classes: int
-    root: Optional[str] = None       # a folder with the files; None = search the usual places
+    root: Optional[str] = None       # a folder with the files; None = search the usual places (digits only)
+    # Random horizontal flip of training batches (PAPER_SCALE.md: ADM/DiT training flips; evaluation
+    # does not). The imagenet and folder presets set true; absent = false (the digit sets).
+    hflip: bool = False
+    on_bad_image: Literal["skip", "fail"] = "skip"  # undecodable files: skipped and counted, or an error
+    workers: int = 4                 # DataLoader decode processes per rank (file-backed sets; 0 = in-process)
+    jpeg_draft: bool = False         # libjpeg DCT-scaled decode: faster, not bit-identical to the ADM crop
+
+    def __post_init__(self) -> None:
+        if self.resolution < 1 or self.channels < 1 or self.workers < 0:
+            raise SettingsError(f"dataset: resolution={self.resolution}, channels={self.channels} (need >= 1), "
+                                f"workers={self.workers} (needs >= 0)")
 
 
 SECTIONS: dict[str, type[Settings]] = {"tokenizer": TokenizerSettings, "generator": GeneratorSettings,

@@ -88,3 +88,9 @@ def save_figure(path: Path, fig: Any, **kwargs: Any) -> None:
     fmt = Path(path).suffix.lstrip(".")
     fig.savefig(buf, format=fmt, **kwargs)
     write_bytes(path, buf.getvalue())
+
+
+def write_stream(path: Path, write: Callable[[io.BufferedWriter], None]) -> None:
+    """Write a file too large to build in memory (``write`` streams into the open file),
+    atomically like every other writer here."""
+    _atomic(path, write)

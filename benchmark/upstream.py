@@ -3,7 +3,7 @@
 The stage DAG (benchmark/dag.py) knows only the pipeline every cell runs:
 
     fid_ref -> reference -> tokenizer -> recon_eval
-                               \\-> generator -> gen_eval
+                               \\-> latent_cache -> generator -> gen_eval
 
 Everything else comes from the cell's plug-ins, through two class methods:
 
@@ -34,7 +34,7 @@ from typing import Any
 
 from benchmark.registry import Registry
 
-PIPELINE = ("fid_ref", "reference", "tokenizer", "recon_eval", "generator", "gen_eval")
+PIPELINE = ("fid_ref", "reference", "tokenizer", "recon_eval", "latent_cache", "generator", "gen_eval")
 
 
 @dataclass(frozen=True)
@@ -87,9 +87,16 @@ class StageOf:
 
 
 def data_slice(cfg: dict) -> dict:
-    """The dataset settings every stage that reads images hashes (name and resolution)."""
+    """The dataset settings every stage that reads images hashes (name and resolution; plus the
+    root of a ``folder`` dataset, whose name says nothing of its images, and the settings that
+    change pixels when they are on: flips, DCT-scaled JPEG decode). Off, they add nothing, so the
+    keys of existing runs do not change."""
     d = cfg["dataset"]
-    return {"name": d["name"], "resolution": d["resolution"]}
+    out = {"name": d["name"], "resolution": d["resolution"]}
+    if d["name"] == "folder":
+        out["root"] = d.get("root")
+    out.update({k: True for k in ("hflip", "jpeg_draft") if d.get(k)})
+    return out
 
 
 def declared(plugin: Any, cfg: dict) -> dict[str, Need | StageOf]:

@@ -262,7 +262,7 @@ class FeaturePrior(BankPrior):
         g = torch.Generator().manual_seed(self.seed + 11)
         torch.manual_seed(self.seed + 11)
         proj = bottleneck_mlp(d, hidden, c)
-        dec = build_decoder(s1["decoder"], c, images.images.shape[1])
+        dec = build_decoder(s1["decoder"], c, images.channels)
         model = nn.Sequential(proj, dec)  # one module for the loop; same parameter order as before
         opt = torch.optim.AdamW(model.parameters(), lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
         bs = int(s1["batch_size"])

@@ -81,7 +81,7 @@ def test_unknown_detector_rejected():
 
 
 def test_feature_and_difftraj_priors_share_upstream_stages(tmp_path):
-    """One offline MAE for every cell that uses it; difftraj reuses the kl cell's tokenizer."""
+    """One offline MAE for every cell that uses it; difftraj reuses the kl cell's latent cache."""
     overrides = [f"run_root={tmp_path}", "grid=single"]
     cells = []
     for p in ("offline-ssl", "subset-ssl", "difftraj"):
@@ -92,9 +92,10 @@ def test_feature_and_difftraj_priors_share_upstream_stages(tmp_path):
     assert len(ssl) == 1 and per_cell[0]["ssl_backbone"] is per_cell[1]["ssl_backbone"]
     assert per_cell[0]["reference"].key != per_cell[1]["reference"].key
     diff_ref = per_cell[2]["reference"]
-    assert diff_ref.deps["base_tokenizer"] is per_cell[3]["tokenizer"]
+    assert diff_ref.deps["base_latents"] is per_cell[3]["latent_cache"]  # the kl cell's cached latents
+    assert per_cell[3]["latent_cache"].deps["tokenizer"] is per_cell[3]["tokenizer"]
     pos = {n.key: i for i, n in enumerate(order)}
-    assert pos[per_cell[3]["tokenizer"].key] < pos[diff_ref.key]
+    assert pos[per_cell[3]["latent_cache"].key] < pos[diff_ref.key]
     assert pos[ssl[0].key] < pos[per_cell[0]["reference"].key]
     # The table shows the preset's label, not the generic class name.
     assert [c.keys["prior"] for c in cells] == ["offline-mae", "sub-offline-mae", "difftraj", "gaussian"]

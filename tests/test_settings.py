@@ -119,15 +119,18 @@ def test_from_dict_is_idempotent(tiny):
 # ---- optional keys
 
 
-def test_eval_optional_keys(tiny):
+def test_eval_optional_keys(tiny, tmp_path):
     ev = EvalSettings.from_dict(tiny["eval"], "eval")
     assert ev.labels is None and ev.label_mode == "balanced" and ev.ref_npz is None
     assert ev.sampler.cfg_interval == (0.0, 1.0)
     ev = EvalSettings.from_dict({**tiny["eval"], "labels": None}, "eval")
     assert ev.label_mode == "balanced"
-    ev = EvalSettings.from_dict({**tiny["eval"], "labels": "random", "ref_npz": "/x/ref.npz",
+    import numpy as np
+    ref = str(tmp_path / "ref.npz")  # ref_npz must exist and hold mu and sigma (checked with the config)
+    np.savez(ref, mu=np.zeros(3), sigma=np.eye(3))
+    ev = EvalSettings.from_dict({**tiny["eval"], "labels": "random", "ref_npz": ref,
                                  "sampler": {**tiny["eval"]["sampler"], "cfg_interval": [0, 0.5]}}, "eval")
-    assert (ev.label_mode, ev.ref_npz, ev.sampler.cfg_interval) == ("random", "/x/ref.npz", (0.0, 0.5))
+    assert (ev.label_mode, ev.ref_npz, ev.sampler.cfg_interval) == ("random", ref, (0.0, 0.5))
 
 
 @pytest.mark.parametrize("section,key,value", [

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from benchmark.dag import Node, latent_shape
-from benchmark.data import ImageSet, load_images, subset
+from benchmark.data import ImageSet, class_balanced, open_dataset, subset
 from benchmark.settings import DatasetSettings, EvalSettings
 from benchmark.store import load_torch
 
@@ -17,8 +17,9 @@ def dataset_settings(cfg: dict[str, Any]) -> DatasetSettings:
 
 
 def dataset(cfg: dict[str, Any], split: str) -> ImageSet:
-    d = dataset_settings(cfg)
-    return load_images(d.name, split, d.resolution, d.root)
+    """The split as an image set: in memory (digits) or decoded on demand (imagenet, folder);
+    both offer uint8_batch/float_batch/select, so no stage needs the whole tensor."""
+    return open_dataset(dataset_settings(cfg), split)
 
 
 def eval_images(cfg: dict[str, Any]) -> ImageSet:
@@ -35,17 +36,18 @@ def balanced_train_images(cfg: dict[str, Any], n: int, seed: int = 0) -> ImageSe
     """``n`` training images, class-balanced like the generated sets (balanced_labels), for the
     real-vs-real floors. Round-robin over classes (a random order within each class), so that
     every prefix is class-balanced too: one feature pass serves the floors at every count."""
-    ds = dataset(cfg, "train")
-    g = torch.Generator().manual_seed(seed)
-    per_class = [torch.nonzero(ds.labels == c).flatten() for c in range(ds.num_classes)]
-    per_class = [rows[torch.randperm(len(rows), generator=g)] for rows in per_class]
-    need = [n // ds.num_classes + (c < n % ds.num_classes) for c in range(ds.num_classes)]
-    short = [c for c, rows in enumerate(per_class) if len(rows) < need[c]]
-    if short:
-        raise ValueError(f"{n} class-balanced training images need {max(need)} of each class; "
-                         f"classes {short} have fewer")
-    idx = torch.stack([rows[:max(need)] for rows in per_class], dim=1).flatten()[:n]  # round-robin
-    return ImageSet(ds.name, ds.split, ds.images[idx], ds.labels[idx], ds.class_names)
+    return class_balanced(dataset(cfg, "train"), n, seed)
+
+
+def detector_features(det, images, batch_size: int, chunk: int = 1024) -> dict[str, Any]:
+    """``det.features`` of every image of ``images``, decoded chunk by chunk instead of as one
+    tensor (a file-backed set is never materialised). Chunks are a multiple of ``batch_size``
+    rows, so the detector sees exactly the batches it would see on the whole tensor."""
+    from benchmark.metrics import to_uint8_rgb
+    step = max(1, chunk // batch_size) * batch_size
+    parts = [det.features(to_uint8_rgb(images.uint8_batch(torch.arange(i, min(len(images), i + step)))),
+                          batch_size=batch_size) for i in range(0, len(images), step)]
+    return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def build_prior(cfg: dict[str, Any], state: dict | None = None):
@@ -101,21 +103,6 @@ def features_file(name: str, primary: bool) -> str:
 def metric_slug(detector: str) -> str:
     """mobilenet_v2-imagenet -> mobilenet_v2 (column names like fd_mobilenet_v2)."""
     return detector.split("-")[0]
-
-
-def extra_fds(ev: EvalSettings | dict[str, Any], images_u8: torch.Tensor, ref_dir: Path,
-              prefix: str) -> dict[str, float]:
-    """Fréchet distances with the extra detectors (e.g. supervised MobileNetV2), by name."""
-    from benchmark.metrics import build_detector, feature_statistics, frechet_distance
-    ev = EvalSettings.from_dict(ev, "eval")
-    out: dict[str, float] = {}
-    for name in ev.extra_detectors:
-        det = build_detector(name, ev.precision)
-        f = det.features(images_u8, batch_size=ev.batch_size)["pool"]
-        ref = load_torch(ref_dir / features_file(name, primary=False))["pool"]
-        out[f"{prefix}_{metric_slug(name)}"] = frechet_distance(*feature_statistics(f), *feature_statistics(ref))
-        out[f"{prefix}_{metric_slug(name)}_detector"] = det.version
-    return out
 
 
 def image_grid(images: torch.Tensor, nrow: int, path: Path) -> None:

@@ -114,12 +114,12 @@ def accuracy(net: DomainNet, images: ImageSet, precision: str, batch_size: int =
 def run(node: Node) -> dict:
     ds = settings(node.cfg)
     train, test = dataset(node.cfg, "train"), dataset(node.cfg, "test")
-    side = crop_side(train.images.shape[-1], ds)
+    side = crop_side(train.resolution, ds)
     device = resolve_device(node.cfg["device"])
     # Seed before building the network: its initialisation must not depend on what the worker
     # process ran before, or reruns and resumes would differ.
     torch.manual_seed(ds.seed)
-    net = DomainNet(train.images.shape[1], train.num_classes, ds.width, side, ds.feature_dim).to(device)
+    net = DomainNet(train.channels, train.num_classes, ds.width, side, ds.feature_dim).to(device)
     net = net.to(memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(net.parameters(), lr=ds.lr, momentum=0.9, nesterov=True, weight_decay=ds.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(ds.warmup_steps, ds.steps))

@@ -32,8 +32,8 @@ def run(node: Node) -> dict:
     tr = {**TRAIN_DEFAULTS, **(bcfg.get("train") or {})}
     img_size = int(bcfg.get("img_size", 32))
     train = dataset(node.cfg, "train")
-    if train.images.shape[-1] != img_size:
-        raise ValueError(f"offline-mae img_size {img_size} != dataset resolution {train.images.shape[-1]}")
+    if train.resolution != img_size:
+        raise ValueError(f"offline-mae img_size {img_size} != dataset resolution {train.resolution}")
     device = resolve_device(node.cfg["device"])
     seed = int(tr["seed"])
     torch.manual_seed(seed)
