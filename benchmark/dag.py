@@ -101,9 +101,9 @@ class DagBuilder:
             if role in PIPELINE:
                 raise ValueError(f"{who}: upstream role {role!r} is a pipeline stage's name; choose another")
             if isinstance(need, StageOf):
-                if need.stage not in ("reference", "tokenizer"):
-                    raise ValueError(f"{who}: StageOf({need.stage!r}): only a cell's reference or tokenizer "
-                                     f"can be shared this way")
+                if need.stage not in ("reference", "tokenizer", "latent_cache"):
+                    raise ValueError(f"{who}: StageOf({need.stage!r}): only a cell's reference, tokenizer or "
+                                     f"latent_cache can be shared this way")
                 out[role] = self._tokenizer_chain(need.cfg, cell)[need.stage]
                 continue
             STAGES.get(need.stage)  # an unknown stage kind lists the known ones
@@ -118,7 +118,8 @@ class DagBuilder:
         return out
 
     def _tokenizer_chain(self, c: dict, cell: Any) -> dict[str, Node]:
-        """[prior's upstream ->] reference -> [loss's upstream ->] tokenizer."""
+        """[prior's upstream ->] reference -> [loss's upstream ->] tokenizer -> latent_cache."""
+        from benchmark.settings import GeneratorSettings
         from priors import LOSSES, PRIORS
         out: dict[str, Node] = {}
         shape = latent_shape(c)
@@ -136,6 +137,13 @@ class DagBuilder:
         out["tokenizer"] = self._node("tokenizer", c, {"data": data_slice(c), "tokenizer": c["tokenizer"],
                                                        "prior": c["prior"], "loss": c["loss"],
                                                        "seed": cell.seed}, tok_deps, cell)
+        # The generator's training latents, encoded once: keyed by the tokenizer, the images
+        # (generator.train_images drawn by subset() with the cell seed) and the shard layout.
+        gen = c["generator"]
+        out["latent_cache"] = self._node("latent_cache", c, {"train_images": gen["train_images"], "seed": cell.seed,
+                                                             "shard_size": GeneratorSettings.from_dict(
+                                                                 gen, "generator").cache_shard_size},
+                                         {"tokenizer": out["tokenizer"]}, cell)
         return out
 
     def add_cell(self, cell: Any) -> dict[str, Node]:
@@ -169,13 +177,19 @@ class DagBuilder:
         out["recon_eval"] = self._node("recon_eval", c, {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **detector,
                                                          **boot, **({"domain": {"n_ref": dom.n_ref}} if on else {})},
                                        {"tokenizer": out["tokenizer"], "fid_ref": out["fid_ref"], **domain_dep}, cell)
+        # The generator reads its latents from the cache (which is keyed by the tokenizer). Whether
+        # it also trains on the flipped views (dataset.hflip) enters its key only when set.
+        hflip = {"hflip": True} if c["dataset"].get("hflip", False) else {}
         out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,
-                                                       "num_classes": c["dataset"]["num_classes"]},
-                                      {"tokenizer": out["tokenizer"]}, cell)
+                                                       "num_classes": c["dataset"]["num_classes"], **hflip},
+                                      {"latent_cache": out["latent_cache"]}, cell)
         out["gen_eval"] = self._node("gen_eval", c, {"n": ev["n_samples"], "sampler": ev["sampler"],
                                                      "kid": ev["kid_subset_size"],
                                                      # optional keys enter the hash only when set
-                                                     **{k: ev[k] for k in ("labels", "ref_npz") if ev.get(k)},
+                                                     **{k: ev[k] for k in ("labels", "ref_npz", "save_npz")
+                                                        if ev.get(k)},
+                                                     # the shard is the sampler's batch: it changes the samples
+                                                     "shard_size": typed.shard_size,
                                                      "seed": cell.seed, **detector, **boot,
                                                      **({"domain": {"n": dom.n_samples, "snapshot_n":
                                                                     dom.snapshot_n_samples,

@@ -27,7 +27,8 @@ from benchmark.store import read_json, write_text
 
 log = logging.getLogger("benchmark.report")
 
-STAGE_ORDER = ["fid_ref", "ssl_backbone", "reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"]
+STAGE_ORDER = ["fid_ref", "ssl_backbone", "reference", "teacher", "tokenizer", "recon_eval", "latent_cache", "generator",
+               "gen_eval"]
 CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }

@@ -15,8 +15,9 @@ import pytest
 
 from benchmark import config, dag
 
-ALL = {"domain_detector", "fid_ref", "reference", "teacher", "tokenizer", "recon_eval", "generator", "gen_eval"}
-DOWN_OF_TOKENIZER = {"tokenizer", "recon_eval", "generator", "gen_eval"}
+ALL = {"domain_detector", "fid_ref", "reference", "teacher", "tokenizer", "recon_eval", "latent_cache", "generator",
+       "gen_eval"}
+DOWN_OF_TOKENIZER = {"tokenizer", "recon_eval", "latent_cache", "generator", "gen_eval"}
 EVAL = {"fid_ref", "recon_eval", "gen_eval"}
 
 BASE = ["grid=single", "loss.teacher=trained"]
@@ -50,11 +51,19 @@ def base_keys(tmp_path_factory):
     ("eval.n_ref=400", EVAL),
     ("eval.precision=fp32", EVAL),
     ("eval.extra_detectors=[mobilenet_v2-imagenet]", EVAL),
-    ("+eval.ref_npz=/tmp/ref.npz", {"gen_eval"}),
+    # eval.ref_npz must name a real file (tests/test_gen_eval_sharded.py checks its key)
+    ("eval.save_npz=true", {"gen_eval"}),
+    ("eval.shard_size=100", {"gen_eval"}),    # the shard is the sampler's batch: other samples
     ("+eval.labels=random", {"gen_eval"}),
     ("+eval.labels=null", set()),              # optional keys enter the hash only when set
     ("eval.batch_size=50", set()),             # how, not what
     ("generator.steps=100", {"generator", "gen_eval"}),
+    # the cache holds generator.train_images latents in shards: both name its files
+    ("generator.train_images=1000", {"latent_cache", "generator", "gen_eval"}),
+    ("generator.cache_shard_size=500", {"latent_cache", "generator", "gen_eval"}),
+    # flips are part of the data slice (benchmark.upstream.data_slice), so every stage moves; the
+    # latent cache itself always holds both views, the generator's use of them is in its own key too
+    ("dataset.hflip=true", ALL),
     ("generator.reproduces=prose", set()),     # documentation keys never enter a key
     ("tokenizer.lr=0.5", DOWN_OF_TOKENIZER),
     ("+tokenizer.description=prose", set()),
@@ -137,7 +146,10 @@ def test_fid_ref_and_generator_keys_by_hand(tmp_path):
     gen = {k: v for k, v in c["generator"].items() if k not in ("reproduces", "description", "epochs", "label")}
     gen_slice = {"generator": gen, "seed": 0, "num_classes": 10}
     assert n["generator"].slice == gen_slice
-    assert n["generator"].key == _sha_key("generator", gen_slice, {"tokenizer": n["tokenizer"].key})
+    lc_slice = {"train_images": c["generator"]["train_images"], "seed": 0, "shard_size": 10000}
+    assert n["latent_cache"].slice == lc_slice
+    assert n["latent_cache"].key == _sha_key("latent_cache", lc_slice, {"tokenizer": n["tokenizer"].key})
+    assert n["generator"].key == _sha_key("generator", gen_slice, {"latent_cache": n["latent_cache"].key})
     strip = lambda d: {k: v for k, v in d.items() if k not in ("reproduces", "description", "epochs", "label")}  # noqa: E731
     assert n["tokenizer"].slice == {"data": {"name": "fashion_mnist", "resolution": 32},
                                     "tokenizer": strip(c["tokenizer"]), "prior": {"name": "gaussian"},
@@ -148,7 +160,7 @@ def test_fid_ref_and_generator_keys_by_hand(tmp_path):
     assert n["recon_eval"].slice == {"n": ev["n_ref"], "kid": ev["kid_subset_size"], **det, **boot,
                                      "domain": {"n_ref": dom["n_ref"]}}
     assert n["gen_eval"].slice == {"n": ev["n_samples"], "sampler": ev["sampler"], "kid": ev["kid_subset_size"],
-                                   "seed": 0, **det, **boot,
+                                   "shard_size": ev["shard_size"], "seed": 0, **det, **boot,
                                    "domain": {"n": dom["n_samples"], "snapshot_n": dom["snapshot_n_samples"],
                                               "kid": dom["kid_subset_size"]}}
     assert n["reference"].slice == {"data": {"name": "fashion_mnist", "resolution": 32},
@@ -165,10 +177,11 @@ def test_dependency_roles_and_order(tmp_path):
     assert roles == {"domain_detector": {}, "fid_ref": dd, "reference": {}, "teacher": {"reference": "reference"},
                      "tokenizer": {"reference": "reference", "teacher": "teacher"},
                      "recon_eval": {"tokenizer": "tokenizer", "fid_ref": "fid_ref", **dd},
-                     "generator": {"tokenizer": "tokenizer"},
+                     "latent_cache": {"tokenizer": "tokenizer"},
+                     "generator": {"latent_cache": "latent_cache"},
                      "gen_eval": {"generator": "generator", "tokenizer": "tokenizer", "fid_ref": "fid_ref", **dd}}
     pos = {node.key: i for i, node in enumerate(order)}
-    assert len(order) == len(pos) == 8
+    assert len(order) == len(pos) == 9
     for node in order:
         assert all(pos[d.key] < pos[node.key] for d in node.deps.values())
     assert n["teacher"].slice["seed"] == 0 and n["teacher"].slice["num_classes"] == 10

@@ -145,7 +145,7 @@ def test_two_torchrun_processes_match_one_process(tiny_overrides, tmp_path, monk
     _clean_launch_env(monkeypatch)
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + EXACT
     a, b, c = (tmp_path / n for n in "abc")
-    for stage in ("reference", "teacher", "tokenizer"):  # teacher: the dm fake's start
+    for stage in ("reference", "teacher", "tokenizer", "latent_cache"):  # teacher: the dm fake's start
         assert run_stage.main(["--stage", stage, *over, f"run_root={a}"]) == 0
     assert run_stage.main(["--stage", "generator", *over, f"run_root={b}"]) == 2  # upstream missing
     for d in (b, c):

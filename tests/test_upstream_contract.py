@@ -13,8 +13,9 @@ from benchmark.registry import RegistryError
 from benchmark.upstream import Need, StageOf, StageKind, data_slice, declared, register_stage
 
 
-def test_pipeline_is_the_six_stages_every_cell_runs():
-    assert upstream.PIPELINE == ("fid_ref", "reference", "tokenizer", "recon_eval", "generator", "gen_eval")
+def test_pipeline_is_the_seven_stages_every_cell_runs():
+    assert upstream.PIPELINE == ("fid_ref", "reference", "tokenizer", "recon_eval", "latent_cache", "generator",
+                                 "gen_eval")
 
 
 def test_register_stage_records_every_field_and_refuses_duplicates(tmp_path, monkeypatch):
@@ -39,11 +40,12 @@ def test_register_stage_records_every_field_and_refuses_duplicates(tmp_path, mon
 def test_builtin_stage_kinds_are_registered_with_their_versions():
     import benchmark.stages  # noqa: F401
     kinds = {n: upstream.STAGES.get(n) for n in ("domain_detector", "fid_ref", "ssl_backbone", "reference", "teacher",
-                                                 "tokenizer", "recon_eval", "generator", "gen_eval")}
+                                                 "tokenizer", "recon_eval", "latent_cache", "generator",
+                                                 "gen_eval")}
     assert {n: k.version for n, k in kinds.items()} == {"domain_detector": 1, "fid_ref": 1, "ssl_backbone": 1, "reference": 3,
                                                        "teacher": 3, "tokenizer": 2, "recon_eval": 1,
-                                                       "generator": 3, "gen_eval": 1}
-    assert {n for n, k in kinds.items() if k.distributed} == {"tokenizer", "generator"}
+                                                       "latent_cache": 1, "generator": 3, "gen_eval": 2}
+    assert {n for n, k in kinds.items() if k.distributed} == {"tokenizer", "latent_cache", "generator", "gen_eval"}
     assert all(k.module == f"benchmark.stages.{n}" for n, k in kinds.items())
     with pytest.raises(RegistryError, match="unknown stage 'nope'.*dmvae_bench.stages"):
         upstream.STAGES.get("nope")

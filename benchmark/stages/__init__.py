@@ -1,7 +1,8 @@
 """The built-in stage kinds, one module per stage, each with ``run(node) -> dict`` (the facts
 for its record) and, where a dependant needs more than the run directory, ``output(node)``.
 
-The pipeline every cell runs is fid_ref, reference, tokenizer, recon_eval, generator, gen_eval.
+The pipeline every cell runs is fid_ref, reference, tokenizer, recon_eval, latent_cache,
+generator, gen_eval.
 ``ssl_backbone`` and ``teacher`` run only when a plug-in declares them (the offline-MAE
 backbone; the dm loss without an exact score), exactly as a third-party stage would
 (benchmark/upstream.py).
@@ -20,9 +21,15 @@ from benchmark.upstream import STAGES, register_stage
 # EMA snapshots.
 # domain_detector 1: the classifier whose features the eval stages use beside Inception's (with
 # eval.domain.enabled), trained once per dataset; it runs before fid_ref.
+# latent_cache 1: the generator's training latents (image and flip), encoded once in shards
+# (data parallel); the generator reads them memory-mapped. The generator's outputs keep their
+# meaning (the same batches from the same latents), so its version stays.
 BUILTIN = (("domain_detector", 1, False),
            ("fid_ref", 1, False), ("ssl_backbone", 1, False), ("reference", 3, False), ("teacher", 3, False),
-           ("tokenizer", 2, True), ("recon_eval", 1, False), ("generator", 3, True), ("gen_eval", 1, False))
+           ("tokenizer", 2, True), ("recon_eval", 1, False), ("latent_cache", 1, True), ("generator", 3, True),
+           # gen_eval 2: sharded over ranks (eval.shard_size), each shard seeded by (seed, shard index),
+           # sampled, decoded and scored on the device; other samples than version 1's.
+           ("gen_eval", 2, True))
 for _name, _version, _ddp in BUILTIN:
     register_stage(_name, _version, f"benchmark.stages.{_name}", distributed=_ddp)
 
