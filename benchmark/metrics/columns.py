@@ -41,3 +41,15 @@ def space_columns(gen_pool: torch.Tensor, ref_pool: torch.Tensor, suffix: str, k
 def fd(gen_pool: torch.Tensor, ref_stats: tuple[np.ndarray, np.ndarray]) -> float:
     """The FD of ``gen_pool`` against reference statistics (torch-fidelity's formula)."""
     return frechet_distance(*feature_statistics(gen_pool), *ref_stats)
+
+
+def named_fds(prefix: str, gen: dict[str, torch.Tensor], ref: dict[str, torch.Tensor],
+              versions: dict[str, str]) -> dict[str, float | str]:
+    """FD per extra detector, ``{prefix}_{slug}`` (``fd_mobilenet_v2``), with its version string
+    (``{prefix}_{slug}_detector``); ``gen``/``ref``: pool features by registry name."""
+    out: dict[str, float | str] = {}
+    for name, pool in gen.items():
+        slug = name.split("-")[0]  # mobilenet_v2-imagenet -> mobilenet_v2, as stages.common.metric_slug
+        out[f"{prefix}_{slug}"] = fd(pool, feature_statistics(ref[name]))
+        out[f"{prefix}_{slug}_detector"] = versions[name]
+    return out

@@ -20,6 +20,10 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 log = logging.getLogger(__name__)
 
 IS_SPLITS = 10  # torch-fidelity DEFAULTS["isc_splits"], the original IS protocol's 10 splits
+# Above this many rows on either side, precision/recall go through torch-fidelity's blocked path
+# even when no block size is asked for: at paper scale (50,000 x 50,000) each whole distance
+# matrix would take 20 GB in float64, the blocks of 2,000 rows 0.8 GB. Same formula.
+AUTO_BLOCK_ROWS, AUTO_BLOCK = 10_000, 2_000
 
 
 def _check_features(x: torch.Tensor, what: str, min_rows: int = 2) -> torch.Tensor:
@@ -73,14 +77,18 @@ def generation_metrics(
     prc_neighborhood: int = 3,
     seed: int = 0,
     prc_batch_size: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict:
     """FID, KID, precision/recall (gen vs ref pool features) and IS (gen logits, if any).
 
     ``gen`` and ``ref`` are ``Detector.features`` outputs from the same detector. Returns
     floats; ``is_mean``/``is_std`` are None when the detector has no logits (never 0).
-    ``prc_batch_size``: None = torch-fidelity's default path (whole N x N distance matrices);
-    a number = its memory-saving path in blocks of that many rows, the same formula (10,000 x
-    10,000 matrices in float64 would take 0.8 GB each).
+    ``prc_batch_size``: None = torch-fidelity's default path (whole N x N distance matrices) up to
+    AUTO_BLOCK_ROWS rows, blocks of AUTO_BLOCK beyond; a number = its memory-saving path in blocks
+    of that many rows, the same formula (10,000 x 10,000 matrices in float64 take 0.8 GB each).
+    ``device``: where precision/recall's distances are computed (float64 either way). At 50,000 x
+    50,000 they are ~4e13 flops, minutes on CPU cores and about a second on a GPU; a GPU's
+    distances can differ from the CPU's in the last bits, which could flip a k-NN tie.
     """
     for what, d in (("gen", gen), ("ref", ref)):
         if not isinstance(d, dict) or "pool" not in d:
@@ -105,8 +113,11 @@ def generation_metrics(
     kid = kid_features_to_metric(g, r, kid_subsets=kid_subsets, kid_subset_size=subset,
                                  rng_seed=seed, verbose=False)
     # torch-fidelity's convention: input 1 is generated, input 2 is real (metric_prc.py).
+    if prc_batch_size is None and max(len(g), len(r)) > AUTO_BLOCK_ROWS:
+        prc_batch_size = AUTO_BLOCK
     blocks = {} if prc_batch_size is None else {"save_cpu_ram": True, "prc_batch_size": int(prc_batch_size)}
-    prc = prc_features_to_metric(g, r, prc_neighborhood=prc_neighborhood, verbose=False, **blocks)
+    on = torch.device(device) if device is not None else g.device
+    prc = prc_features_to_metric(g.to(on), r.to(on), prc_neighborhood=prc_neighborhood, verbose=False, **blocks)
 
     is_mean = is_std = None
     logits = gen.get("logits")
