@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -79,8 +80,12 @@ def expand_sweeps(overrides: list[str]) -> list[list[str]]:
     return [list(combo) for combo in itertools.product(*axes)]
 
 
-def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]]:
+def load(overrides: list[str] | None = None, missing: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]]:
     """Return (base config, cells). Validates every cell before anything runs.
+
+    With ``missing`` (a list), assets that are not on this machine (a dataset tree, hub weights)
+    are appended to it instead of raised: ``--plan`` shows a paper-scale sweep's cost on a laptop
+    that has neither, and says what must be installed before it can run.
 
     Comma sweeps on the command line multiply the grid: every combination of swept values is
     applied to every cell of the grid preset (with or without hydra's ``--multirun``)."""
@@ -102,7 +107,7 @@ def load(overrides: list[str] | None = None) -> tuple[dict[str, Any], list[Cell]
                 seen.add(ident)
                 cells.append(cell)
     assert base_dict is not None
-    validate(base_dict, cells)
+    validate(base_dict, cells, missing)
     return base_dict, cells
 
 
@@ -165,11 +170,17 @@ def _cells_for(overrides: list[str], optional: list[tuple[str, Any]] = ()) -> tu
     # that group's keys (prior.n_images=..., loss.lambda=...), which were meant for the cell's choice.
     user_groups = {k for k in user_keys if "." not in k}
     cells: list[Cell] = []
+    # ``base``: overrides every cell of the grid shares (paper-table1: the ImageNet presets), applied
+    # before the cell's own, so a cell may still change one of them.
+    # Both may hold ``?key=value`` settings, applied only where the cell's config has the key
+    # (the dm loss's score network in a grid that also has kl cells).
+    shared = list(grid.get("base") or [])
     for cell_overrides in grid["cells"]:
-        kept = [o for o in renamed(cell_overrides) if _key(o) not in user_keys
-                and _key(o).split(".", 1)[0] not in user_groups]
+        plain, own_optional = split_optional(renamed(shared + list(cell_overrides)))
+        kept = [o for o in plain if _key(o) not in user_keys and _key(o).split(".", 1)[0] not in user_groups]
         cfg_dc = _compose(kept + overrides)
-        _apply_optional(cfg_dc, list(optional))
+        _apply_optional(cfg_dc, [(k, v) for k, v in own_optional if k not in user_keys
+                                 and k.split(".", 1)[0] not in user_groups] + list(optional))
         for seed in grid.get("seeds", [0]):
             cfg = OmegaConf.to_container(cfg_dc, resolve=True)
             cfg["seed"] = int(seed)
@@ -177,13 +188,26 @@ def _cells_for(overrides: list[str], optional: list[tuple[str, Any]] = ()) -> tu
     return OmegaConf.to_container(base, resolve=True), cells
 
 
-def validate(base: dict[str, Any], cells: list[Cell]) -> None:
+def _missing_root(dataset: dict[str, Any]) -> str | None:
+    """Why a file-backed dataset cannot be read here (its root is unset or absent), else None."""
+    from benchmark.datasets import is_file_backed
+    if not is_file_backed(str(dataset.get("name"))):
+        return None
+    root = dataset.get("root")
+    if root and Path(str(root)).expanduser().is_dir():
+        return None
+    return f"dataset {dataset.get('name')}: dataset.root={root} is not a folder here; point it at the data tree"
+
+
+def validate(base: dict[str, Any], cells: list[Cell], missing: list[str] | None = None) -> None:
     """Reject a bad grid before any stage runs: unknown names, unknown keys, bad values and
     impossible shapes. Each plug-in checks its own section (a ``validate`` class method; the
     loss's is MatchingLoss.validate unless it adds to it) and declares its upstream stages, which
     are resolved here too, so nothing in this function names a prior or a loss."""
     import_plugins(base.get("plugins", []))
+    from backbones.base import MissingWeightsError
     from benchmark.dag import latent_shape
+    from benchmark.datasets import check_dataset
     from benchmark.metrics import DETECTORS
     from benchmark.plugin_keys import check_cell_keys
     from benchmark.settings import check_sections
@@ -197,12 +221,23 @@ def validate(base: dict[str, Any], cells: list[Cell]) -> None:
         import_plugins(c.get("plugins", []))
         try:
             check_sections(c)  # tokenizer, generator, eval, dataset: known keys, typed values
+            absent = _missing_root(c["dataset"]) if missing is not None else None
+            if absent is None:
+                check_dataset(c["dataset"])  # a known dataset; a file-backed one's root exists and holds images
+            elif absent not in missing:
+                missing.append(absent)
             check_cell_keys(c)  # every plug-in section holds only keys its plug-in takes
             prior_cls, loss_cls = PRIORS.get(c["prior"]["name"]), LOSSES.get(c["loss"]["name"])
             for plugin in (prior_cls, loss_cls):
                 check = getattr(plugin, "validate", None)
                 if callable(check):
-                    check(c)
+                    try:
+                        check(c)
+                    except MissingWeightsError as exc:
+                        if missing is None:
+                            raise
+                        if str(exc) not in missing:
+                            missing.append(str(exc))
                 for role, need in declared(plugin, c).items():  # unknown stage kinds, bad needs
                     if isinstance(need, Need):
                         STAGES.get(need.stage)

@@ -23,8 +23,9 @@ from benchmark.store import stable_hash, write_json, write_text
 log = logging.getLogger("benchmark.grid")
 
 
-def prepare(overrides: list[str]) -> tuple[dict, list[config.Cell], list[dag.Node], list[dict], Path]:
-    base, cells = config.load(overrides)
+def prepare(overrides: list[str], missing: list[str] | None = None
+            ) -> tuple[dict, list[config.Cell], list[dag.Node], list[dict], Path]:
+    base, cells = config.load(overrides, missing)
     run_root = Path(base["run_root"]).resolve()
     order, per_cell = dag.build(cells, run_root)
     ident = stable_hash([[n.key for n in m.values()] for m in per_cell], 10)
@@ -43,6 +44,11 @@ Flags (hydra's conventions; everything else is a hydra override):
   -h, --help          this help: the config groups, their options, the flags
   --cfg job           print every cell's resolved config (YAML) and exit; nothing runs or is written
   -m, --multirun      accepted for hydra compatibility: comma sweeps expand with or without it
+  --plan              submit and run nothing: list every stage job (cells, resources, dependencies,
+                      done/shared/to run) with its GPU-hours from the cost model (benchmark/plan.py);
+                      writes plan.md and plan.json to the sweep directory
+  --gpu NAME          the plan's GPU (h100 | h200 | a100; default h100)
+  --mfu X             the plan's model-FLOPs utilisation (default: a measured one, else 0.40)
 
 Overrides:
   group=option        pick a preset of a group, e.g. prior=gmm tokenizer=cpu-small
@@ -86,8 +92,22 @@ def parse_flags(args: list[str]) -> tuple[dict[str, str | bool], list[str]]:
             if what not in ("job", "all"):
                 raise ValueError(f"--cfg takes 'job' (or 'all'), got {what!r}")
             flags["cfg"] = what
+        elif a == "--plan":
+            flags["plan"] = True
+        elif a in ("--gpu", "--mfu") or a.startswith(("--gpu=", "--mfu=")):
+            name, value = (a.split("=", 1) if "=" in a else (a, next(it, "")))
+            if not value:
+                raise ValueError(f"{name} takes a value")
+            if name == "--mfu":
+                try:
+                    mfu = float(value)
+                except ValueError:
+                    raise ValueError(f"--mfu takes a number in (0, 1], got {value!r}") from None
+                if not 0 < mfu <= 1:
+                    raise ValueError(f"--mfu takes a number in (0, 1], got {value!r}")
+            flags[name[2:]] = value
         elif a.startswith("-"):
-            raise ValueError(f"unknown flag {a!r}. Flags: --help, --cfg job, --multirun")
+            raise ValueError(f"unknown flag {a!r}. Flags: --help, --cfg job, --multirun, --plan, --gpu, --mfu")
         else:
             overrides.append(a)
     return flags, overrides
@@ -116,12 +136,16 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(yaml.safe_dump(cell.cfg, sort_keys=False))
             sys.stdout.write("---\n")
         return 0
+    planning = bool(flags.get("plan") or flags.get("gpu") or flags.get("mfu"))
+    missing: list[str] | None = [] if planning else None  # a plan lists absent data/weights instead
     try:
-        base, cells, order, per_cell, sweep_dir = prepare(overrides)
+        base, cells, order, per_cell, sweep_dir = prepare(overrides, missing)
     except Exception as exc:  # a bad config is reported before any work starts
         log.error("invalid configuration: %s", exc)
         return 2
     log.info("sweep %s: %d cells, %d stages -> %s", base["grid"]["name"], len(cells), len(order), sweep_dir)
+    if planning:
+        return _plan(base, order, sweep_dir, overrides, flags, missing or [])
     launcher = base["launcher"]["name"]
     if launcher == "slurm":  # submits the stages as SLURM jobs and returns
         from benchmark.launch_slurm import launch
@@ -146,6 +170,23 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         log.error("%d stages did not finish: %s", len(failed), ", ".join(failed))
         return 1
+    return 0
+
+
+def _plan(base: dict, order: list[dag.Node], sweep_dir: Path, overrides: list[str], flags: dict,
+          missing: list[str]) -> int:
+    """--plan: the stage jobs and their cost; nothing is submitted or run."""
+    from benchmark import plan
+    try:
+        p = plan.build_plan(base, order, overrides, gpu=str(flags.get("gpu") or plan.DEFAULT_GPU),
+                            mfu=float(flags["mfu"]) if flags.get("mfu") else None, missing=missing)
+        md = plan.write(p, sweep_dir)
+        plan.check(p)
+    except ValueError as exc:
+        log.error("plan: %s", exc)
+        return 2
+    sys.stdout.write(md)
+    log.info("plan written to %s and %s; nothing was submitted", sweep_dir / "plan.md", sweep_dir / "plan.json")
     return 0
 
 

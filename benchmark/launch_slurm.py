@@ -112,20 +112,35 @@ def validate(cfg: dict) -> None:
         r = stage_resources(cfg, stage)
         for k in ("gpus_per_node", "cpus_per_task", "mem_gb", "timeout_min", "nodes", "tasks_per_node"):
             v = r[k]
+            if k == "timeout_min" and v == "auto":
+                if not r["gpus_per_node"] and stage != "aggregate":
+                    raise ValueError(f"launcher timeout_min=auto for stage {stage} needs GPUs: the limit comes "
+                                     f"from the GPU cost model (benchmark/plan.py); give minutes for CPU stages")
+                continue
             if not isinstance(v, (int, float)) or isinstance(v, bool) or v < (0 if k == "gpus_per_node" else 1):
                 raise ValueError(f"launcher {k} for stage {stage} must be a number >= "
                                  f"{0 if k == 'gpus_per_node' else 1}; got {v!r}")
+        if r["gpus_per_node"] and r["tasks_per_node"] > r["gpus_per_node"]:
+            # One task per GPU (distributed.py picks cuda:LOCAL_RANK): more tasks than GPUs on a
+            # node would put two ranks on one device or index a GPU that does not exist.
+            raise ValueError(f"stage {stage!r} asks for tasks_per_node={r['tasks_per_node']} on nodes with "
+                             f"gpus_per_node={r['gpus_per_node']}: at most one task per GPU")
         if r["nodes"] * r["tasks_per_node"] > 1:
             distributed = stage != "aggregate" and STAGES.get(stage).distributed
             if not distributed:
+                multi = [s for s in stage_names() if STAGES.get(s).distributed]
                 raise ValueError(f"stage {stage!r} runs in one process only, but its launcher config asks for "
-                                 f"nodes={r['nodes']} x tasks_per_node={r['tasks_per_node']}; only the "
-                                 f"tokenizer and the generator train data-parallel "
-                                 f"(launcher.stages.<tokenizer|generator>.tasks_per_node)")
+                                 f"nodes={r['nodes']} x tasks_per_node={r['tasks_per_node']}; the stages that "
+                                 f"run data-parallel are {', '.join(multi)} "
+                                 f"(launcher.stages.<stage>.tasks_per_node)")
 
 
-def executor_parameters(cfg: dict, stage: str, name: str) -> dict:
-    r = stage_resources(cfg, stage)
+def executor_parameters(cfg: dict, stage: str, name: str, limit_min: int | None = None) -> dict:
+    """submitit's parameters of a stage's job; ``timeout_min: auto`` takes ``limit_min``, the
+    cost model's estimate plus its margin (benchmark/plan.py)."""
+    r = dict(stage_resources(cfg, stage))
+    if r["timeout_min"] == "auto":
+        r["timeout_min"] = limit_min if limit_min else 60  # the tables job: no model, an hour is ample
     p: dict[str, Any] = {"job_name": name, "nodes": int(r["nodes"]), "ntasks_per_node": int(r["tasks_per_node"]),
                          "cpus_per_task": int(r["cpus_per_task"]), "mem": f"{int(r['mem_gb'] * 1024)}MB",
                          "time": int(r["timeout_min"]), "signal_delay_s": int(cfg.get("signal_delay_s", 120)),
@@ -261,8 +276,11 @@ def load_jobs(sweep_dir: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ submission
-def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict) -> dict[str, int]:
-    """Submit the unfinished nodes of `order` (topological); returns counts."""
+def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict,
+           limits: dict[str, int] | None = None) -> dict[str, int]:
+    """Submit the unfinished nodes of `order` (topological); returns counts. ``limits``: node key
+    -> time limit in minutes from the cost model, for stages whose timeout_min is auto."""
+    limits = limits or {}
     jobs = load_jobs(sweep_dir)
     states = job_states([j["job_id"] for j in jobs.values()])
     folder = run_root / "slurm" / "%j"
@@ -271,11 +289,11 @@ def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict) -> dic
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def submit_one(fn, args: tuple, stage: str, name: str, dependency: str | None) -> submitit.Job:
-        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cfg.get("max_requeues", 3)))
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=int(cfg.get("max_requeues", 30)))
         extra = {"kill-on-invalid-dep": "yes"}
         if dependency:
             extra["dependency"] = dependency
-        ex.update_parameters(**executor_parameters(cfg, stage, name), additional_parameters=extra)
+        ex.update_parameters(**executor_parameters(cfg, stage, name, limits.get(name)), additional_parameters=extra)
         return ex.submit(fn, *args)
 
     try:
@@ -327,12 +345,21 @@ def launch(base: dict, order: list[Node], sweep_dir: Path, overrides: list[str])
         log.info("%d stages in the grid: all done, nothing submitted; results table: %s", len(order),
                  sweep_dir / "results.md")
         return 0
+    # The cost model's estimates: time limits for timeout_min=auto, and a profile whose limits
+    # (with its requeues) cannot finish a stage is refused before anything is submitted.
+    from benchmark import plan
+    try:
+        costs = plan.build_plan(base, todo, overrides)
+        plan.check(costs)
+    except ValueError as exc:
+        log.error("not submitted: %s", exc)
+        return 2
     why = controller_reachable()
     if why:
         log.error("cannot submit to SLURM: %s. Start the local test cluster with `sudo bash "
                   "slurm/start-slurm.sh`, or use launcher=local", why)
         return 2
-    counts = submit(order, sweep_dir, run_root, cfg)
+    counts = submit(order, sweep_dir, run_root, cfg, {r.key: r.limit_min for r in costs["rows"]})
     log.info("%d stages in the grid: %d done, %d already queued or running, %d submitted", len(order),
              counts["done"], counts["reused"], counts["submitted"])
     log.info("follow it with: python -m benchmark.status %s", sweep_dir)

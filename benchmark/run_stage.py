@@ -43,8 +43,9 @@ def select_node(overrides: list[str], stage: str) -> Node:
 def run_one(node: Node, info: distributed.DistInfo) -> dict | None:
     """Run `node` on this rank; rank 0 goes through run_node, which writes config and record."""
     if info.distributed and not STAGES.get(node.stage).distributed:
+        multi = ", ".join(s for s in stage_names() if STAGES.get(s).distributed)
         raise ValueError(f"stage {node.stage!r} runs in one process only; launch it without torchrun/srun "
-                         f"tasks (data-parallel stages: tokenizer, generator)")
+                         f"tasks (data-parallel stages: {multi})")
     if info.is_main:
         return run_node(node)
     runner(node.stage)(node)  # the stage itself writes only on rank 0

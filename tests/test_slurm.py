@@ -175,11 +175,11 @@ def tokenizer_reference(root):
 @needs_cluster
 def test_default_grid_matches_local_launcher(default_sweep, root):
     _, sweep, st = default_sweep
-    assert st["counts"] == {"pending": 0, "running": 0, "done": 12, "failed": 0}, status.render(st)
+    assert st["counts"] == {"pending": 0, "running": 0, "done": 14, "failed": 0}, status.render(st)
     assert {c["state"] for c in st["cells"]} == {"done"}
     jobs = launch_slurm.load_jobs(sweep)
-    # 12 stages (domain_detector, fid_ref, reference and the dm fake's teacher shared; 4 per cell) + tables
-    assert len({j["job_id"] for j in jobs.values()}) == 13
+    # 14 stages (domain_detector, fid_ref, reference and the dm fake's teacher shared; 5 per cell) + tables
+    assert len({j["job_id"] for j in jobs.values()}) == 15
     assert sum(j["stage"] == "fid_ref" for j in jobs.values()) == 1
     a = pd.read_csv(sweep / "results.csv").set_index("loss")
     b = pd.read_csv(next((root / "local" / "sweeps").iterdir()) / "results.csv").set_index("loss")
@@ -198,7 +198,7 @@ def test_rerun_submits_nothing_finished(default_sweep, caplog):
     assert "| gaussian |" in (sweep / "results.md").read_text()
     out = subprocess.run([sys.executable, "-m", "benchmark.status", str(sweep)], capture_output=True, text=True,
                          check=True).stdout
-    assert "12 stages: 0 pending, 0 running, 12 done, 0 failed" in out
+    assert "14 stages: 0 pending, 0 running, 14 done, 0 failed" in out
 
 
 @needs_cluster
@@ -209,15 +209,15 @@ def test_failing_stage_recorded_rest_goes_on_and_rerun_resubmits_only_it(default
     assert grid.main(over) == 0
     sweep = _sweep(over)
     jobs = launch_slurm.load_jobs(sweep)
-    assert sorted(j["stage"] for j in jobs.values()) == ["aggregate", "gen_eval", "generator", "recon_eval",
-                                                         "tokenizer"]
+    assert sorted(j["stage"] for j in jobs.values()) == ["aggregate", "gen_eval", "generator", "latent_cache",
+                                                         "recon_eval", "tokenizer"]
     st = _wait(sweep)
     (cell,) = [c for c in st["cells"] if "/dm" in c["label"]]
     nodes = {s: st["nodes"][k] for s, k in cell["stages"].items()}
     assert cell["state"] == "failed" and nodes["reference"]["state"] == "done"
     tok = nodes["tokenizer"]
     assert tok["state"] == "failed" and "step 0" in tok["reason"] and Path(tok["log"]).exists()
-    for s in ("recon_eval", "generator", "gen_eval"):  # SLURM cancelled them (kill-on-invalid-dep)
+    for s in ("recon_eval", "latent_cache", "generator", "gen_eval"):  # SLURM cancelled them (kill-on-invalid-dep)
         assert nodes[s]["state"] == "failed" and "input tokenizer failed" in nodes[s]["reason"]
         assert nodes[s]["slurm_state"] == "CANCELLED"
     df = pd.read_csv(sweep / "results.csv").set_index("loss")
@@ -240,7 +240,7 @@ def _submit_tokenizer(run_root: Path, root: Path) -> tuple[str, str, Path, dict,
         shutil.copytree(root / "slurm" / "stages", run_root / "stages")
         _, cells = config.load(sl)
         _, (nodes,) = dag.build(cells, run_root)
-        for s in ("tokenizer", "recon_eval", "generator", "gen_eval"):  # another test may have run them
+        for s in ("tokenizer", "recon_eval", "latent_cache", "generator", "gen_eval"):  # another test may have run them
             shutil.rmtree(nodes[s].dir, ignore_errors=True)
     assert grid.main(sl) == 0
     sweep = _sweep(sl)
@@ -257,7 +257,7 @@ def test_requeued_tokenizer_resumes_to_the_same_weights(default_sweep, root, tok
     _start_now(job)
     ref = tokenizer_reference()  # meanwhile, the same tokenizer uninterrupted
     st = _wait(sweep)
-    assert st["counts"]["done"] == 7, status.render(st)  # kl cell: 6 stages + domain_detector
+    assert st["counts"]["done"] == 8, status.render(st)  # kl cell: 7 stages + domain_detector
     log_text = Path(jobs[key]["log"]).read_text()
     assert log_text.count(f"{key}: slurm job {job}, task 0/1") == 2  # the same job id ran again (append mode)
     assert f"{key}: slurm job {job} was requeued (restart 1)" in log_text
@@ -329,7 +329,7 @@ def test_generator_data_parallel_in_two_tasks(default_sweep, root):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert set(run_local([ref["tokenizer"], ref["generator"]]).values()) == {"done"}
+        assert set(run_local([ref["tokenizer"], ref["latent_cache"], ref["generator"]]).values()) == {"done"}
     finally:
         torch.set_num_threads(threads)
     assert _wait_job(gen_job) == "COMPLETED"
@@ -362,15 +362,15 @@ def test_profile_then_command_line_wins():
                      "launcher.stages.generator.tasks_per_node=4"])
     gen = launch_slurm.stage_resources(cfg, "generator")
     assert (gen["partition"], gen["gpus_per_node"], gen["tasks_per_node"], gen["cpus_per_task"]) == ("gpu", 8, 4, 3)
-    ref = launch_slurm.executor_parameters(cfg, "reference", "x")
-    assert "gpus_per_node" not in ref and ref["partition"] == "gpu" and ref["mem"] == f"{16 * 1024}MB"
+    agg = launch_slurm.executor_parameters(cfg, "aggregate", "x")  # no GPU: no --gpus-per-node at all
+    assert "gpus_per_node" not in agg and agg["partition"] == "gpu" and agg["mem"] == f"{8 * 1024}MB"
     local = launch_slurm.stage_resources(_launcher(["launcher.profile=local"]), "tokenizer")
     assert (local["partition"], local["cpus_per_task"], local["gpus_per_node"]) == ("debug", 1, 0)
 
 
 @pytest.mark.parametrize("over, message", [
     (["launcher.profile=nope"], "Known profiles: gpu-cluster, local"),
-    (["launcher.stages.recon_eval.tasks_per_node=2"], "only the tokenizer and the generator"),
+    (["launcher.stages.domain_detector.tasks_per_node=2"], "the stages that run data-parallel are"),
     (["launcher.mem_gb=0"], "mem_gb"),
     (["+launcher.stages.decoder.mem_gb=1"], "unknown stage"),
 ])

@@ -1,0 +1,371 @@
+"""``python -m benchmark.grid <overrides> --plan``: what a sweep will run and what it will cost,
+before anything is submitted.
+
+Every stage job of the sweep is listed with its cells, the resources its launcher gives it,
+its dependencies and whether it is done (its record exists), shared by several cells, or still
+to run. Its cost comes from a model, not a guess:
+
+    FLOPs = (FLOPs of one sample through each model it runs) x (samples per step) x steps
+    GPU-hours = FLOPs / (GPU peak of the precision it runs in x utilisation) / 3600
+
+The FLOPs of one sample are counted from the models themselves with torch's FlopCounterMode on
+the meta device (no weights, no memory), as ``benchmark.perf`` counts them, so a preset's widths,
+depths and resolutions enter without a table of ours. FlopCounterMode counts a multiply-add as
+2 FLOPs: LightningDiT-XL/1 on 16x16x32 latents counts 237 GFLOPs a forward, twice the 118.6
+"GFLOPs" (multiply-adds) the DiT paper gives for DiT-XL/2 at the same 256 tokens
+(../shared/reference/PAPER_SCALE.md). A training step counts 3 forwards (forward + backward).
+
+The utilisation (model-FLOPs utilisation, MFU) is an assumption until a GPU has measured it:
+0.40 by default, inside the 35-50% that well-tuned ViT/DiT bf16 training reaches on A100/H100
+(PAPER_SCALE.md). ``--mfu`` overrides it; a ``results/perf/gpu-<name>.json`` written by
+scripts/gpu_check.sh with a measured ``mfu`` replaces it, and the plan says which it used.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmark.dag import Node, latent_shape
+from benchmark.store import write_json, write_text
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# Dense peaks in TFLOP/s by precision (PAPER_SCALE.md "GPUs"; TF32 for fp32 work, as the
+# stages enable TF32 matmuls on CUDA).
+GPU_PEAKS = {"h100": {"bf16": 989.0, "fp32": 495.0},
+             "h200": {"bf16": 989.0, "fp32": 495.0},
+             "a100": {"bf16": 312.0, "fp32": 156.0}}
+DEFAULT_GPU = "h100"
+DEFAULT_MFU = 0.40
+# Time limit = estimated wall time x this margin (rounded up to 30 min), so a profile need not
+# guess limits: model error, evaluation pauses and checkpoint writes fit inside it.
+LIMIT_MARGIN = 1.5
+# The Inception-v3 of FID at 299 px: 5.7 G multiply-adds (Szegedy et al. 2016, Table 3), used
+# only when the detector cannot be built here to be counted.
+INCEPTION_FWD_FLOPS = 2 * 5.7e9
+
+
+# ------------------------------------------------------------------ FLOPs of one sample
+def _count(fn: Callable[[], object]) -> float:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return float(fc.get_total_flops())
+
+
+def _architecture_only(cfg: dict) -> dict:
+    """The cell's config with every pretrained-weight switch off: counting FLOPs needs the
+    architecture, not the weights (which may not be on this machine)."""
+    c = copy.deepcopy(cfg)
+
+    def walk(d: Any) -> None:
+        if isinstance(d, dict):
+            if "pretrained" in d:
+                d["pretrained"] = False
+            d.pop("checkpoint", None)
+            for v in d.values():
+                walk(v)
+        elif isinstance(d, list):
+            for v in d:
+                walk(v)
+    walk(c["tokenizer"])
+    return c
+
+
+class SampleFlops:
+    """Forward FLOPs of one sample through each model of a cell, counted once per config."""
+
+    def __init__(self) -> None:
+        self._memo: dict[str, float] = {}
+
+    def _once(self, key: str, fn: Callable[[], float]) -> float:
+        if key not in self._memo:
+            try:
+                self._memo[key] = fn()
+            except Exception as exc:  # a model that cannot be built here: say so, count nothing
+                log.warning("plan: could not count %s (%s); its cost is left out", key.split("|")[0], exc)
+                self._memo[key] = float("nan")
+        return self._memo[key]
+
+    def tokenizer(self, cfg: dict) -> tuple[float, float]:
+        """(encoder, decoder) forward FLOPs of one image."""
+        from benchmark.stages.common import build_tokenizer_for, dataset_settings
+
+        def count() -> tuple[float, float]:
+            d = dataset_settings(cfg)
+            with torch.device("meta"):
+                tok = build_tokenizer_for(_architecture_only(cfg))
+                x = torch.zeros(1, d.channels, d.resolution, d.resolution)
+                enc = _count(lambda: tok.encode(x))
+                z = torch.zeros(1, *latent_shape(cfg))
+                dec = _count(lambda: tok.decode(z))
+            return enc, dec
+        key = json.dumps([cfg["tokenizer"], cfg["dataset"]], sort_keys=True, default=str)
+        if key not in self._memo:
+            try:
+                self._memo[key] = count()  # type: ignore[assignment]
+            except Exception as exc:
+                log.warning("plan: could not count the tokenizer (%s); its cost is left out", exc)
+                self._memo[key] = (float("nan"), float("nan"))  # type: ignore[assignment]
+        return self._memo[key]  # type: ignore[return-value]
+
+    def _dit(self, cfg: dict, build: Callable[[], torch.nn.Module], what: str, spec: Any) -> float:
+        def count() -> float:
+            with torch.device("meta"):
+                net = build()
+                z = torch.zeros(1, *latent_shape(cfg))
+                return _count(lambda: net(z, torch.zeros(1), torch.zeros(1, dtype=torch.long)))
+        return self._once(f"{what}|" + json.dumps([spec, latent_shape(cfg)], sort_keys=True, default=str), count)
+
+    def generator(self, cfg: dict) -> float:
+        from benchmark.stages.generator import build_model
+        return self._dit(cfg, lambda: build_model(cfg), "generator", cfg["generator"])
+
+    def score_net(self, cfg: dict) -> float:
+        from benchmark.stages.common import build_score_net
+        loss = cfg["loss"]
+        return self._dit(cfg, lambda: build_score_net(cfg), "score_net",
+                         [loss.get("score_net"), loss.get("score_net_args")])
+
+    def detector(self, cfg: dict) -> float:
+        def count() -> float:
+            from benchmark.metrics import build_detector
+            try:
+                det = build_detector(cfg["eval"]["detector"], "fp32")
+            except Exception as exc:  # no weights file here: the published figure
+                log.info("plan: detector not built here (%s); %.1f GFLOPs a forward (Inception-v3)", exc,
+                         INCEPTION_FWD_FLOPS / 1e9)
+                return INCEPTION_FWD_FLOPS
+            # One real image through the real network (its own resize included): about 0.1 s.
+            return _count(lambda: det.features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), batch_size=1))
+        return self._once("detector|" + str(cfg["eval"]["detector"]), count)
+
+
+# ------------------------------------------------------------------ per-stage cost
+@dataclass
+class StageCost:
+    flops: float          # nan = not modelled
+    precision: str        # the peak it is measured against
+    note: str
+
+
+def _stage1_start(cfg: dict) -> bool:
+    """Does the DM stage start from the reference stage's stage-1 model (tokenizer.design)?"""
+    return str(cfg["tokenizer"].get("design", "preset")) == "stage1" and bool(cfg["prior"].get("stage1"))
+
+
+def _bf16(section: dict) -> str:
+    return "bf16" if str(section.get("precision", "fp32")) == "bf16" else "fp32"
+
+
+def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
+    """The FLOPs a stage's job will compute, from its config; nan where no model exists."""
+    cfg, s = node.cfg, node.stage
+    ev, tc, gc, loss = cfg["eval"], cfg["tokenizer"], cfg["generator"], cfg["loss"]
+    if s == "tokenizer":
+        enc, dec = fl.tokenizer(cfg)
+        # With the stage-1 design a feature prior's reference stage was the warm-up (stage 1).
+        warm = 0 if _stage1_start(cfg) else int(tc.get("warmup_iters", 0))
+        iters = warm + int(tc.get("match_iters", 0)) + int(tc.get("finetune_iters", 0))
+        bs = int(tc["batch_size"])
+        flops = 3 * (enc + dec) * bs * iters
+        note = f"{iters:,} iterations x {bs} images x 3 fwd (encoder + decoder)"
+        if loss["name"] == "dm":
+            # Per DM-phase iteration: vae_train_every fake updates (3 fwd each), then the loss's
+            # fake and teacher forwards (teacher twice with DM CFG).
+            k = int(loss.get("vae_train_every", 1))
+            sn = fl.score_net(cfg)
+            cfg_mult = 2 if float(loss.get("cfg_scale", 1.0)) > 1 else 1
+            flops += int(tc.get("match_iters", 0)) * bs * sn * (3 * k + 1 + cfg_mult)
+            note += f"; DM phase: {k} fake updates + fake/teacher forwards per iteration"
+        return StageCost(flops, _bf16(tc), note + "; perceptual and GAN losses not counted")
+    if s == "teacher":
+        steps, bs = int(loss.get("teacher_steps", 0)), int(loss.get("teacher_batch_size", 128))
+        return StageCost(3 * fl.score_net(cfg) * bs * steps, "fp32", f"<= {steps:,} steps x {bs} (a ceiling: "
+                         "it stops at its plateau)")
+    if s == "generator":
+        steps, bs = int(gc["steps"]), int(gc["batch_size"])
+        return StageCost(3 * fl.generator(cfg) * bs * steps, _bf16(gc), f"{steps:,} steps x {bs} latents x 3 fwd")
+    if s == "latent_cache":
+        enc, _ = fl.tokenizer(cfg)
+        n = int(gc.get("train_images") or 0)
+        return StageCost(2 * n * enc, _bf16(tc), f"{n:,} images and their flips through the encoder")
+    if s == "gen_eval":
+        sc = ev["sampler"]
+        dom = ev.get("domain") or {}
+        n = max(int(ev["n_samples"]), int(dom.get("n_samples", 0)) if dom.get("enabled") else 0)
+        passes = 2 if float(sc.get("cfg_scale", 1.0)) > 1 else 1
+        _, dec = fl.tokenizer(cfg)
+        per = int(sc["steps"]) * passes * fl.generator(cfg) + dec
+        flops = n * per + int(ev["n_samples"]) * fl.detector(cfg)
+        return StageCost(flops, _bf16(ev), f"{n:,} samples x {sc['steps']} sampler steps x {passes} pass(es) "
+                         "+ decoder + detector")
+    if s == "recon_eval":
+        enc, dec = fl.tokenizer(cfg)
+        n = int(ev["n_ref"])
+        return StageCost(n * (enc + dec + fl.detector(cfg)), _bf16(ev), f"{n:,} images: encode, decode, detector")
+    if s == "fid_ref":
+        n = int(ev["n_ref"]) + int(ev["n_samples"])  # reference features + the train-split floor
+        return StageCost(n * fl.detector(cfg), _bf16(ev), f"{n:,} images through the detector")
+    if s == "reference":
+        n = int(cfg["prior"].get("n_images") or 0)
+        if not n:
+            return StageCost(0.0, "fp32", "closed-form prior: no network")
+        s1 = cfg["prior"].get("stage1") or {}
+        if not _stage1_start(cfg):
+            return StageCost(float("nan"), "bf16", f"{n:,} images through the prior's backbone: not modelled "
+                             "unless the tokenizer is the stage-1 model")
+        # Stage 1 trains the stage-1 model, which is the tokenizer's architecture with the
+        # stage-1 design: the frozen backbone forward, then MLP + decoder forward and backward.
+        enc, dec = fl.tokenizer(cfg)
+        steps, bs = int(s1.get("iters", 0)), int(s1.get("batch_size", 0))
+        return StageCost(n * enc + steps * bs * (enc + 3 * dec), _bf16(cfg["prior"]),
+                         f"{n:,} images through the backbone; stage 1: {steps:,} steps x {bs}")
+    return StageCost(float("nan"), "fp32", "no cost model for this stage kind")
+
+
+# ------------------------------------------------------------------ the plan
+@dataclass
+class PlanRow:
+    stage: str
+    key: str
+    cells: list[str]
+    deps: list[str]
+    status: str
+    resources: dict[str, Any]
+    gpus: int
+    cost: StageCost
+    gpu_hours: float
+    wall_hours: float
+    limit_min: int
+    problems: list[str] = field(default_factory=list)
+
+
+def utilisation(gpu: str, mfu: float | None) -> tuple[float, str]:
+    """(MFU, where it comes from): the user's, else a GPU measurement on record, else ours."""
+    if mfu is not None:
+        return float(mfu), "given with --mfu"
+    measured = PROJECT_ROOT / "results" / "perf" / f"gpu-{gpu}.json"
+    if measured.exists():
+        data = json.loads(measured.read_text())
+        if isinstance(data.get("mfu"), (int, float)):
+            return float(data["mfu"]), f"measured ({measured.relative_to(PROJECT_ROOT)})"
+    return DEFAULT_MFU, "assumed: 35-50% is what tuned DiT training reaches (PAPER_SCALE.md); not measured here"
+
+
+def _resources(base: dict, overrides: list[str], stage: str) -> tuple[dict[str, Any], int, int]:
+    """(resources, GPUs, requeues) of a stage's job under the sweep's launcher."""
+    lc = base["launcher"]
+    if lc.get("name") != "slurm":
+        return {"launcher": "local", "workers": lc.get("workers")}, 0, 0
+    from benchmark.launch_slurm import resolve, stage_resources
+    cfg = resolve(lc, overrides)
+    r = stage_resources(cfg, stage)
+    return r, int(r["nodes"]) * int(r["gpus_per_node"] or 0), int(cfg.get("max_requeues", 0))
+
+
+def build_plan(base: dict, order: list[Node], overrides: list[str], gpu: str = DEFAULT_GPU,
+               mfu: float | None = None, missing: list[str] | None = None) -> dict[str, Any]:
+    """Rows of every stage job in ``order``; ``missing`` lists data and weights not on this
+    machine (config.load collected them instead of refusing the sweep)."""
+    if gpu not in GPU_PEAKS:
+        raise ValueError(f"unknown GPU {gpu!r} for the cost model; known: {', '.join(sorted(GPU_PEAKS))}")
+    u, u_src = utilisation(gpu, mfu)
+    fl = SampleFlops()
+    rows: list[PlanRow] = []
+    for n in order:
+        res, gpus, requeues = _resources(base, overrides, n.stage)
+        cost = stage_cost(n, fl)
+        peak = GPU_PEAKS[gpu][cost.precision] * 1e12
+        gh = cost.flops / (peak * u) / 3600 if math.isfinite(cost.flops) else float("nan")
+        wall = gh / max(gpus, 1)
+        limit = int(math.ceil(wall * 60 * LIMIT_MARGIN / 30) * 30) if math.isfinite(wall) else 0
+        status = "done" if n.done() else ("to run, shared by %d cells" % len(n.cells) if len(n.cells) > 1
+                                          else "to run")
+        row = PlanRow(n.stage, n.key, list(n.cells), [d.key for d in n.deps.values()], status, res, gpus,
+                      cost, gh, wall, max(limit, 30))
+        if res.get("timeout_min") == "auto":
+            row.resources = {**res, "timeout_min": f"auto ({row.limit_min})"}
+        elif "timeout_min" in res and math.isfinite(wall) and gpus:
+            total_min = float(res["timeout_min"]) * (1 + requeues)
+            if total_min < wall * 60:
+                row.problems.append(f"its time limit ({res['timeout_min']} min x {1 + requeues} runs with "
+                                    f"{requeues} requeues) is below the estimate ({wall * 60:,.0f} min)")
+        rows.append(row)
+    return {"gpu": gpu, "mfu": u, "mfu_source": u_src, "peaks_tflops": GPU_PEAKS[gpu], "rows": rows,
+            "missing": list(missing or [])}
+
+
+def check(plan: dict[str, Any]) -> None:
+    """A profile whose limits cannot finish a stage is rejected before any submission."""
+    bad = [f"{r.stage} {r.key}: {p}" for r in plan["rows"] if r.status != "done" for p in r.problems]
+    if bad:
+        raise ValueError("the launcher profile cannot finish these stages: " + "; ".join(bad)
+                         + ". Raise timeout_min or launcher.max_requeues for them")
+
+
+def _fmt_h(h: float) -> str:
+    return "n/a" if not math.isfinite(h) else (f"{h:,.1f}" if h >= 0.1 else f"{h:.2g}")
+
+
+def to_markdown(plan: dict[str, Any], sweep: str) -> str:
+    rows: list[PlanRow] = plan["rows"]
+    todo = [r for r in rows if r.status != "done"]
+    lines = [f"# Plan of {sweep}", "",
+             f"Cost model: FLOPs counted from the models x steps / ({plan['gpu']} peak "
+             f"{plan['peaks_tflops']['bf16']:.0f} TFLOP/s bf16, {plan['peaks_tflops']['fp32']:.0f} TF32 "
+             f"x MFU {plan['mfu']:.2f}, {plan['mfu_source']}).", "",
+             "| stage | key | cells | status | resources | GPUs | GFLOPs | GPU-hours | est. wall (h) | limit (min) | what |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        res = ", ".join(f"{k}={v}" for k, v in r.resources.items() if v not in (None, ""))
+        gfl = "n/a" if not math.isfinite(r.cost.flops) else f"{r.cost.flops / 1e9:,.0f}"
+        lines.append(f"| {r.stage} | {r.key} | {len(r.cells)} | {r.status} | {res} | {r.gpus} | {gfl} | "
+                     f"{_fmt_h(r.gpu_hours)} | {_fmt_h(r.wall_hours)} | {r.limit_min} | {r.cost.note} |")
+    per_stage: dict[str, float] = {}
+    for r in todo:
+        if math.isfinite(r.gpu_hours):
+            per_stage[r.stage] = per_stage.get(r.stage, 0.0) + r.gpu_hours
+    per_cell: dict[str, float] = {}
+    for r in todo:
+        if math.isfinite(r.gpu_hours):
+            for c in r.cells:  # a shared stage is charged to each of its cells in equal parts
+                per_cell[c] = per_cell.get(c, 0.0) + r.gpu_hours / len(r.cells)
+    total = sum(per_stage.values())
+    lines += ["", "GPU-hours still to run, per stage kind: "
+              + ", ".join(f"{k} {_fmt_h(v)}" for k, v in per_stage.items()),
+              "", "Per cell (shared stages split evenly): "
+              + ", ".join(f"{k} {_fmt_h(v)}" for k, v in per_cell.items()),
+              "", f"**Total: {_fmt_h(total)} GPU-hours** to run ({len(todo)} of {len(rows)} stage jobs; "
+              f"{sum(1 for r in rows if r.status == 'done')} done)."]
+    uncounted = sorted({r.stage for r in todo if not math.isfinite(r.cost.flops)})
+    if uncounted:
+        lines.append(f"Not in the total (no cost model or not countable here): {', '.join(uncounted)}.")
+    if plan.get("missing"):
+        lines += ["", "**Not on this machine** (the sweep is refused until they are):"]
+        lines += [f"- {m}" for m in plan["missing"]]
+    return "\n".join(lines) + "\n"
+
+
+def write(plan: dict[str, Any], sweep_dir: Path) -> str:
+    md = to_markdown(plan, sweep_dir.name)
+    rows = [{"stage": r.stage, "key": r.key, "cells": r.cells, "deps": r.deps, "status": r.status,
+             "resources": r.resources, "gpus": r.gpus, "flops": r.cost.flops, "precision": r.cost.precision,
+             "what": r.cost.note, "gpu_hours": r.gpu_hours, "wall_hours": r.wall_hours, "limit_min": r.limit_min,
+             "problems": r.problems} for r in plan["rows"]]
+    todo = [r for r in rows if r["status"] != "done" and math.isfinite(r["gpu_hours"])]
+    write_json(sweep_dir / "plan.json", {"gpu": plan["gpu"], "mfu": plan["mfu"], "mfu_source": plan["mfu_source"],
+                                         "peaks_tflops": plan["peaks_tflops"], "stages": rows,
+                                         "missing": plan.get("missing", []),
+                                         "total_gpu_hours": sum(r["gpu_hours"] for r in todo)})
+    write_text(sweep_dir / "plan.md", md)
+    return md
