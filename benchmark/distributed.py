@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from datetime import timedelta
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -123,8 +124,10 @@ def init_from_env(device: str = "auto", env: Mapping[str, str] | None = None) ->
     if le.world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
         # device_id binds NCCL to this rank's GPU up front (barriers then need no device hint).
+        # Rank 0 alone scores a 50K-sample evaluation (FD, precision/recall) while the other ranks
+        # wait at the final barrier: NCCL's default 10-minute timeout would abort them.
         dist.init_process_group(backend, init_method=f"tcp://{le.master_addr}:{le.master_port}",
-                                rank=le.rank, world_size=le.world_size,
+                                rank=le.rank, world_size=le.world_size, timeout=timedelta(hours=2),
                                 device_id=dev if dev.type == "cuda" else None)
         log.info("rank %d/%d (local %d) joined a %s group at %s:%d from %s variables on %s", le.rank,
                  le.world_size, le.local_rank, backend, le.master_addr, le.master_port, le.source, dev)

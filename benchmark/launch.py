@@ -18,7 +18,9 @@ from datetime import datetime, timezone
 import torch
 import yaml
 
+from benchmark import accel, distributed
 from benchmark.dag import Node
+from benchmark.monitor import Ledger
 from benchmark.registry import import_plugins
 from benchmark.stages import runner
 from benchmark.store import write_json, write_text
@@ -44,6 +46,12 @@ def run_node(node: Node) -> dict:
     # loaded the config: modules named in `plugins=[...]` must register there too.
     import_plugins(node.cfg.get("plugins") or [])
     handler = _stage_log(node)
+    # Every attempt (first run, requeue, rerun after a kill) is kept with its devices, so the
+    # record's device-hours are what the stage cost in all, not what its last attempt took.
+    info = distributed.current(node.cfg.get("device", "auto"))
+    ledger = Ledger(node.dir)
+    ledger.begin(info.world_size, info.device.type)
+    accel.configure(info.device)  # TF32 and cuDNN autotuning on CUDA; nothing on the CPU
     t0 = time.perf_counter()
     try:
         facts = runner(node.stage)(node)
@@ -51,11 +59,15 @@ def run_node(node: Node) -> dict:
         logging.getLogger().removeHandler(handler)
         handler.close()
     wall = time.perf_counter() - t0
+    ledger.beat()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     record = {"stage": node.stage, "key": node.key, "deps": {r: d.key for r, d in node.deps.items()},
               "facts": facts, "wall_time_s": wall,
-              # device-hours: accelerator hours on GPU, core-hours' wall equivalent on CPU.
-              "device_hours": wall / 3600.0, "device": device, "host": socket.gethostname(),
+              # device-hours: wall time x processes (one per GPU) summed over every attempt
+              # (attempts.json; an attempt killed between two progress lines loses at most that
+              # interval). On the CPU: process-hours.
+              "device_hours": ledger.device_hours(), "attempts": ledger.attempts(),
+              "world_size": info.world_size, "device": device, "host": socket.gethostname(),
               "torch": torch.__version__, "python": platform.python_version(),
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(node.record_path, record)
@@ -150,9 +162,10 @@ def run_local(order: list[Node], workers: int = 1, threads_per_worker: int | Non
 
 
 # Rough relative cost of each stage kind at the CPU presets (measured wall times, in minutes);
-# only their order matters for scheduling.
+# only their order matters for scheduling. latent_cache: 20,000 images and their flips through the
+# cpu-tiny encoder, 50 s on one thread of the shared 2-core machine.
 STAGE_COST = {"domain_detector": 4.5, "fid_ref": 1.0, "ssl_backbone": 1.2, "reference": 0.8, "teacher": 8.0,
-              "tokenizer": 3.0, "recon_eval": 1.5, "generator": 2.0, "gen_eval": 3.0}
+              "tokenizer": 3.0, "recon_eval": 1.5, "latent_cache": 0.8, "generator": 2.0, "gen_eval": 3.0}
 
 
 def critical_path(nodes: list[Node]) -> dict[str, float]:

@@ -11,19 +11,40 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from benchmark.stages import stage_names
 from benchmark.launch_slurm import is_active, job_states, load_jobs
+from benchmark.monitor import PROGRESS_FILE, fmt_duration, progress_of
 from benchmark.store import read_json
 
 STATES = ("pending", "running", "done", "failed")
 
 
+# A local stage (no SLURM job) counts as running while its progress.json is this fresh.
+FRESH_S = 600
+
+
+def _progress(d: Path) -> dict | None:
+    """Step, total and ETA of a training stage from its progress.json (benchmark/monitor.py)."""
+    prog = progress_of(d)
+    if prog is None:
+        return None
+    age = time.time() - (d / PROGRESS_FILE).stat().st_mtime
+    return {"step": prog["step"], "total": prog["total"], "eta_s": prog.get("eta_s"), "age_s": age}
+
+
 def _node_state(d: Path, job: dict | None, slurm: str | None) -> dict:
     out: dict = {"dir": str(d), "job_id": job["job_id"] if job else None, "slurm_state": slurm}
     if (d / "record.json").exists():
-        return {**out, "state": "done"}
+        rec = read_json(d / "record.json")
+        return {**out, "state": "done", "device_hours": rec.get("device_hours"), "attempts": rec.get("attempts", 1)}
+    prog = _progress(d)
+    if prog is not None:
+        out["progress"] = prog
+        if not job and prog["age_s"] < FRESH_S and not (d / "failed.json").exists():
+            return {**out, "state": "running", "detail": ""}
     if is_active(slurm):
         running = slurm.split()[0] in ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT")
         return {**out, "state": "running" if running else "pending",
@@ -95,6 +116,12 @@ def render(st: dict) -> str:
             extra = n.get("detail") or ""
             if n["state"] == "failed":
                 extra = f"{n['reason']}  (log: {n.get('log')})"
+            if n["state"] == "running" and n.get("progress"):
+                pg = n["progress"]
+                eta = fmt_duration(pg["eta_s"]) if pg.get("eta_s") is not None else "?"
+                extra = f"step {pg['step']}/{pg['total']}, ETA {eta} {extra}".rstrip()
+            if n["state"] == "done" and n.get("device_hours") is not None:
+                extra = f"{n['device_hours']:.3g} device-h over {n.get('attempts', 1)} attempt(s)"
             lines.append(f"  {stage:<10} {n['state']:<8} {job:<10} {extra}".rstrip())
     if "aggregate" in st:
         a = st["aggregate"]

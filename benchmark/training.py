@@ -67,6 +67,10 @@ class Checkpoint:
                         state.get("extra"), extra)
             return None
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            # Every device's generator (torch.randn(..., device="cuda") in the training loops
+            # draws from them), so a resumed run on the GPU continues the same streams.
+            torch.cuda.set_rng_state_all(list(state["cuda_rng"]))
         log.info("resuming from %s at step %d", self.path, state["step"])
         return state
 
@@ -75,7 +79,8 @@ class Checkpoint:
 
     def save(self, step: int, **state: Any) -> None:
         if self.path is not None:
-            save_torch(self.path, {"step": step, "torch_rng": torch.get_rng_state(), **state})
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            save_torch(self.path, {"step": step, "torch_rng": torch.get_rng_state(), "cuda_rng": cuda, **state})
 
     def remove(self) -> None:
         if self.path is not None:
@@ -159,16 +164,22 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
             monitor.load_state_dict(state["monitor"])
     t0, recent = time.perf_counter(), []
     bar = progress(steps, stage, start)
+    # Log lines, progress.json and TensorBoard scalars in the stage's run directory (the
+    # checkpoint's folder; none for a prior fitted outside a stage).
+    from benchmark.monitor import TrainMonitor
+    mon = TrainMonitor(stage.split("/")[0], ckpt.path.parent if ckpt.path is not None else None, steps, start,
+                       unit="steps")
     for step in range(start, steps):
         loss = loss_at(step)
         check_finite(loss, stage, step)
         opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sched is not None:
             sched.step()
         recent = (recent + [float(loss.detach())])[-window:]
         bar.update(1)
+        mon.step(step + 1, recent[-1], lr=opt.param_groups[0]["lr"], grad_norm=float(grad), items=1)
         if monitor is not None and monitor.after_step(step + 1):
             log.info("%s: held-out loss plateaued at step %d (curve %s)", stage, step + 1, monitor.curve[-4:])
             break
@@ -178,5 +189,6 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
                       extra=extra_state or {},
                       **({} if monitor is None else {"monitor": monitor.state_dict()}))
     bar.close()
+    mon.close()
     return start, recent, time.perf_counter() - t0
 

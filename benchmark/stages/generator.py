@@ -1,6 +1,11 @@
 """Stage 5: train the latent generator (flow-matching DiT) on the tokenizer's normalised
 latents of the training split, with EMA weights for sampling.
 
+The latents come from the latent_cache stage (benchmark/stages/latent_cache.py), memory-mapped:
+the encoder never runs here. With ``dataset.hflip`` each draw takes the image's flipped view with
+probability 1/2, as LightningDiT trains on its cached flips; without it the batches are exactly
+those of the in-memory table this stage encoded before the cache existed.
+
 Data parallel (torchrun or SLURM tasks, see benchmark/distributed.py and benchmark/run_stage.py):
 the model is wrapped in DistributedDataParallel and generator.batch_size stays the *global*
 batch. Every rank draws the whole global batch (indices, t, noise, label-dropout mask) from one
@@ -24,13 +29,13 @@ from tqdm.auto import tqdm
 
 from benchmark import distributed
 from benchmark.dag import Node, latent_shape
-from benchmark.data import subset
 from benchmark.distributed import DistInfo
 from benchmark.settings import DatasetSettings, GeneratorSettings
-from benchmark.stages.common import dataset, load_tokenizer
+from benchmark.stages.latent_cache import LatentCache
 from benchmark.store import save_torch, stable_hash
+from benchmark.accel import adamw
+from benchmark.monitor import TrainMonitor
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
-from tokenizers import encode_all
 from generators import EMA, build_generator, interpolate, sample_t, velocity_target
 
 log = logging.getLogger(__name__)
@@ -69,22 +74,36 @@ class Batch:
     t: torch.Tensor     # [B] path times
     eps: torch.Tensor   # [B, C, H, W] noise
     drop: torch.Tensor  # [B] bool: replace the label by the null label
+    flip: torch.Tensor | None = None  # [B] bool: take the flipped view (dataset.hflip), else None
 
     def part(self, rank: int, world_size: int) -> "Batch":
         n = self.idx.shape[0] // world_size
         s = slice(rank * n, (rank + 1) * n)
-        return Batch(self.idx[s], self.t[s], self.eps[s], self.drop[s])
+        return Batch(self.idx[s], self.t[s], self.eps[s], self.drop[s], None if self.flip is None else self.flip[s])
 
 
 def draw_batch(g: torch.Generator, n_items: int, batch_size: int, shape: tuple[int, ...],
-               t_kind: str, p_drop: float) -> Batch:
-    """The global batch of one step; the draw order is fixed, so every rank gets the same."""
+               t_kind: str, p_drop: float, hflip: bool = False) -> Batch:
+    """The global batch of one step; the draw order is fixed, so every rank gets the same. The
+    flips are drawn last, so switching them on leaves every other draw of the step as it was."""
     dev = g.device
     idx = torch.randint(n_items, (batch_size,), generator=g, device=dev)
     t = sample_t(batch_size, t_kind, generator=g, device=dev)
     eps = torch.randn(batch_size, *shape, generator=g, device=dev)
     drop = torch.rand(batch_size, generator=g, device=dev) < p_drop
-    return Batch(idx, t, eps, drop)
+    flip = torch.rand(batch_size, generator=g, device=dev) < 0.5 if hflip else None
+    return Batch(idx, t, eps, drop, flip)
+
+
+def latent_rows(latents: torch.Tensor | LatentCache, idx: torch.Tensor, flip: torch.Tensor | None) -> torch.Tensor:
+    """Normalised latents of rows ``idx`` (CPU indices): from the memory-mapped cache, or from an
+    in-memory table (tests, notebooks), which has no flipped views."""
+    if isinstance(latents, LatentCache):
+        return latents.batch(idx, flip)
+    if flip is not None:
+        raise ValueError("dataset.hflip needs the flipped views of the latent cache; an in-memory latent "
+                         "table holds the images' latents only")
+    return latents[idx]
 
 
 def snapshot_steps(fractions, steps: int) -> dict[int, dict]:
@@ -100,9 +119,11 @@ def snapshot_steps(fractions, steps: int) -> dict[int, dict]:
     return out
 
 
-def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
-          info: DistInfo | None = None) -> dict:
-    """Train on (z_all, y_all) and write ema.pt to out_dir (rank 0); returns the stage's facts."""
+def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out_dir: Path,
+          info: DistInfo | None = None, hflip: bool = False) -> dict:
+    """Train on (z_all, y_all) and write ema.pt to out_dir (rank 0); returns the stage's facts.
+    ``z_all``: normalised latents [N, C, h, w], in memory or a LatentCache (normalised on read);
+    ``hflip``: draw the cache's flipped view with probability 1/2."""
     gc, seed = settings(cfg), int(cfg["seed"])
     info = info or distributed.current(cfg.get("device", "auto"))
     steps, bs, dev = gc.steps, gc.batch_size, info.device
@@ -113,7 +134,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
     model = build_model(cfg, class_dropout_prob=0.0).to(dev).train()
     p_drop = label_dropout(cfg)
     ema = EMA(model, gc.ema_decay)
-    opt = torch.optim.AdamW(model.parameters(), lr=gc.lr, betas=gc.betas, weight_decay=gc.weight_decay)
+    opt = adamw(model.parameters(), dev, lr=gc.lr, betas=gc.betas, weight_decay=gc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(gc.lr_warmup_steps))
     ckpt = Checkpoint(Path(out_dir) / "ckpt.pt", gc.checkpoint_every)
     start = 0
@@ -131,11 +152,12 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
     snaps = snapshot_steps(gc.snapshots, steps)
     t0, recent = time.perf_counter(), []
     bar = progress(steps, "generator", start) if info.is_main else tqdm(disable=True)
+    mon = TrainMonitor("generator", Path(out_dir), steps, start, unit="latents", is_main=info.is_main)
     for step in range(start, steps):
         b = draw_batch(step_generator(seed, step, dev), len(z_all), bs, shape, gc.t_sampling,
-                       p_drop).part(info.rank, info.world_size)
+                       p_drop, hflip).part(info.rank, info.world_size)
         idx = b.idx.cpu()
-        z = z_all[idx].to(dev, non_blocking=True)
+        z = latent_rows(z_all, idx, b.flip).to(dev, non_blocking=True)
         y = torch.where(b.drop, model.null_label, y_all[idx].to(dev, non_blocking=True))
         v = net(interpolate(z, b.eps, b.t), b.t, y)
         loss = F.mse_loss(v.float(), velocity_target(z, b.eps).float())
@@ -144,10 +166,11 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
         mean_loss = distributed.all_reduce_mean(loss.detach())
         check_finite(mean_loss, "generator", step)
         opt.zero_grad(set_to_none=True); loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
+        grad = torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
         opt.step(); sched.step(); ema.update(model)
         recent = (recent + [float(mean_loss)])[-100:]
         bar.update(1)
+        mon.step(step + 1, recent[-1], lr=opt.param_groups[0]["lr"], grad_norm=float(grad), items=bs)
         if info.is_main and step + 1 in snaps:
             # Written before the checkpoint of the same step: a resumed run never lacks one.
             save_torch(Path(out_dir) / snaps[step + 1]["file"],
@@ -156,6 +179,7 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
             ckpt.save(step + 1, model=model.state_dict(), ema=ema.state_dict(), opt=opt.state_dict(),
                       sched=sched.state_dict())
     bar.close()
+    mon.close()
     elapsed = time.perf_counter() - t0
     if info.is_main:
         save_torch(Path(out_dir) / "ema.pt", {k: v.cpu() for k, v in ema.module.state_dict().items()})
@@ -169,10 +193,9 @@ def train(cfg: dict, z_all: torch.Tensor, y_all: torch.Tensor, out_dir: Path,
 
 
 def run(node: Node) -> dict:
-    cfg, gc = node.cfg, settings(node.cfg)
-    seed = int(cfg["seed"])
-    torch.manual_seed(seed + 1)
-    tok, lnorm = load_tokenizer(node.deps["tokenizer"])
-    train_set = subset(dataset(cfg, "train"), gc.train_images, seed=seed)
-    z_all = lnorm.normalize(encode_all(tok, train_set))
-    return train(cfg, z_all, train_set.labels, node.dir)
+    cfg = node.cfg
+    torch.manual_seed(int(cfg["seed"]) + 1)
+    cache = LatentCache(node.deps["latent_cache"].dir)
+    hflip = bool(cfg["dataset"].get("hflip", False))
+    facts = train(cfg, cache, cache.labels, node.dir, hflip=hflip)
+    return {**facts, "generator_hflip": hflip, "generator_train_latents": len(cache)}

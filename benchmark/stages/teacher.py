@@ -13,6 +13,7 @@ import logging
 
 import torch
 
+from benchmark.accel import adamw
 from benchmark.dag import Node
 from benchmark.stages.common import build_score_net, load_prior
 from benchmark.store import load_torch, save_torch, write_json
@@ -39,7 +40,7 @@ def run(node: Node) -> dict:
     seed = int(loss_cfg.get("teacher_seed", 0))
     torch.manual_seed(seed + 101)
     net = build_score_net(cfg).train().to(device)
-    opt = torch.optim.AdamW(net.parameters(), lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
+    opt = adamw(net.parameters(), device, lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(100))
     steps, bs = int(loss_cfg["teacher_steps"]), int(loss_cfg["teacher_batch_size"])
     ncls = int(cfg["dataset"]["num_classes"])

@@ -37,6 +37,8 @@ from benchmark.stages.common import ARCH_FILE, build_tokenizer_for, dataset, loa
 from benchmark.data import subset
 from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
+from benchmark.accel import adamw
+from benchmark.monitor import TrainMonitor
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from priors import LOSSES
 from tokenizers import encode_all
@@ -144,7 +146,7 @@ class TokenizerTraining:
         gcfg = dict(tc.gan or {})
         channels = DatasetSettings.from_dict(cfg["dataset"], "dataset").channels
         self.gan = PatchGAN(channels, **gcfg).to(device) if float(gcfg.get("weight", 0)) > 0 else None
-        self.opt = torch.optim.AdamW(self.tok.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.opt = adamw(self.tok.parameters(), self.device, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         # With the stage-1 start the reference stage's stage 1 was the warm-up.
         self.w_it = 0 if self.arch is not None else tc.warmup_iters
         # The scheduler counts tokenizer updates, one per warm-up iteration: from update w_it on
@@ -155,6 +157,7 @@ class TokenizerTraining:
         self.total = self.w_it + self.m_it + self.f_it
         self.frozen_warmup = tc.warmup_frozen_encoder
         self.data_rng = torch.Generator().manual_seed(self.seed + 7)
+        self.loader = _file_loader(cfg, self.train, bs, self.rank, self.world, self.seed + 7, self.device)
         self.ckpt = Checkpoint(node.dir / "ckpt.pt", tc.checkpoint_every)
         self.shape = tuple(self.tok.latent_shape)
         self.logs: dict[str, float] = {}
@@ -173,6 +176,8 @@ class TokenizerTraining:
             self.tok.load_state_dict(state["tok"]); self.opt.load_state_dict(state["opt"])
             self.sched.load_state_dict(state["sched"]); self.match.load_state_dict(state["match"])
             self.match.load_extra_state(state["match_extra"]); self.data_rng.set_state(state["data_rng"])
+            if self.loader is not None:
+                self.loader.load_state_dict(state["data_loader"])
             self.curve = list(state.get("curve", []))
             if self.gan is not None:
                 self.gan.load_state_dict(state["gan"]); self.gan.opt.load_state_dict(state["gan_opt"])
@@ -183,6 +188,8 @@ class TokenizerTraining:
     def save(self, next_it: int) -> None:
         gan = self.gan
         extra = {"gan": gan.state_dict(), "gan_opt": gan.opt.state_dict()} if gan is not None else {}
+        if self.loader is not None:  # epoch and position: a resumed run continues the same order
+            extra["data_loader"] = self.loader.state_dict()
         self.ckpt.save(next_it, tok=_plain_state(self.tok), opt=self.opt.state_dict(), sched=self.sched.state_dict(),
                        match=self.match.state_dict(), match_extra=self.match.extra_state(),
                        data_rng=self.data_rng.get_state(), curve=self.curve, **extra)
@@ -203,7 +210,13 @@ class TokenizerTraining:
         return "warmup" if it < self.w_it else ("match" if it < self.w_it + self.m_it else "finetune")
 
     def batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's images and the global batch's labels (every rank draws the global batch)."""
+        """This rank's images and the global batch's labels (every rank draws the global batch).
+        File-backed sets stream through the sharded loader (epochs without replacement, each rank
+        decoding only its rows); in-memory sets keep the original draw with replacement, so their
+        results do not change."""
+        if self.loader is not None:
+            x, y_all = self.loader.next()
+            return x.to(self.device, non_blocking=True).float().div_(255.0), y_all.to(self.device)
         idx = torch.randint(len(self.train), (self.bs,), generator=self.data_rng)
         return self.train.float_batch(idx[self.rows]).to(self.device), self.train.labels[idx].to(self.device)
 
@@ -231,7 +244,7 @@ class TokenizerTraining:
         check_finite(distributed.all_reduce_mean(loss.detach()), f"tokenizer/{what}", it)
         self.opt.zero_grad(set_to_none=True); loss.backward()
         average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip)
+        self.logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.tc.grad_clip))
         self.opt.step(); self.sched.step()
         self.logs["rec"] = float(distributed.all_reduce_mean(rec.detach()))
 
@@ -353,7 +366,23 @@ class TokenizerTraining:
                 "perceptual": perceptual.name if perceptual is not None else "none",
                 "perceptual_weight": self.p_weight,
                 "final_rec_loss": self.logs.get("rec", float("nan")), **self.match.describe(),
-                **(gan.describe() if gan is not None else {"gan": "none"})}
+                **(gan.describe() if gan is not None else {"gan": "none"}),
+                **({"data_bad_images": self.train.bad_images, "data_epochs": self.loader.sampler.epoch
+                    + self.loader.sampler.position / self.loader.sampler.steps_per_epoch}
+                   if self.loader is not None else {})}
+
+
+def _file_loader(cfg: dict, train, batch_size: int, rank: int, world: int, seed: int, device: torch.device):
+    """The sharded, resumable loader for a file-backed training set (None for in-memory sets)."""
+    from benchmark.datasets import is_file_backed
+    from benchmark.datasets.loader import ShardSampler, ShardedLoader
+    d = DatasetSettings.from_dict(cfg["dataset"], "dataset")
+    if not is_file_backed(d.name):
+        if d.hflip:
+            log.warning("dataset.hflip applies to file-backed datasets; %s keeps its in-memory draw unflipped", d.name)
+        return None
+    sampler = ShardSampler(len(train), batch_size, rank, world, seed, hflip=d.hflip)
+    return ShardedLoader(train, sampler, workers=d.workers, pin_memory=device.type == "cuda")
 
 
 def stage1_architecture(cfg: dict, prior, tc: TokenizerSettings) -> dict | None:
@@ -387,6 +416,7 @@ def run(node: Node) -> dict:
         t.tok.encoder.compile(); t.tok.decoder.compile()
     t0 = time.perf_counter()
     bar = progress(t.total, "tokenizer", start) if t.info.is_main else tqdm(disable=True)
+    mon = TrainMonitor("tokenizer", node.dir, t.total, start, unit="img", is_main=t.info.is_main)
     if t.info.is_main and start == 0 and t.stats_x is not None:
         t.record_stats(0)
     for it in range(start, t.total):
@@ -394,11 +424,17 @@ def run(node: Node) -> dict:
         if t.info.is_main and t.stats_due(it + 1):
             t.record_stats(it + 1)
         bar.update(1)
+        logs = dict(t.logs)
+        # The loss line is the reconstruction term; the matching terms and the phase go beside it.
+        mon.step(it + 1, logs.pop("rec", float("nan")), lr=t.opt.param_groups[0]["lr"],
+                 grad_norm=logs.pop("grad_norm", None), items=t.bs,
+                 **{k: v for k, v in logs.items() if isinstance(v, (int, float))})
         if bar.disable is False:
             bar.set_postfix({k: f"{v:.3g}" for k, v in t.logs.items()})
         if t.info.is_main and t.ckpt.due(it + 1) and it + 1 < t.total:
             t.save(it + 1)
     bar.close()
+    mon.close()
     elapsed = time.perf_counter() - t0
     return t.finish(start, elapsed) if t.info.is_main else {}
 

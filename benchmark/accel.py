@@ -1,0 +1,30 @@
+"""Accelerator settings every stage gets on CUDA, and nothing on the CPU.
+
+- TF32 matmuls and convolutions (fp32 work on tensor cores; the DMVAE release's train scripts
+  turn it on, ``--tf32``), and cuDNN's autotuner for the fixed shapes of a training loop.
+- Fused AdamW (one kernel for the whole parameter update instead of a loop over tensors).
+bf16 autocast is each stage's own (its ``precision`` setting); torch.compile is per stage too
+(``tokenizer.compile``).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+
+
+def configure(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+
+
+def adamw(params: Iterable[torch.nn.Parameter], device: torch.device | str | None = None,
+          **kwargs: Any) -> torch.optim.AdamW:
+    """AdamW, fused on CUDA. On the CPU the default (foreach) implementation: it is the one every
+    resume and 1-vs-N-process test of this suite checks bit for bit."""
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda":
+        kwargs.setdefault("fused", True)
+    return torch.optim.AdamW(params, **kwargs)
