@@ -178,7 +178,11 @@ def _plan(base: dict, order: list[dag.Node], sweep_dir: Path, overrides: list[st
     """--plan: the stage jobs and their cost; nothing is submitted or run."""
     from benchmark import plan
     try:
-        p = plan.build_plan(base, order, overrides, gpu=str(flags.get("gpu") or plan.DEFAULT_GPU),
+        launcher = None
+        if base["launcher"]["name"] == "slurm":  # the profile's resources, as a submission would use
+            from benchmark.launch_slurm import resolve
+            launcher = resolve(base["launcher"], overrides)
+        p = plan.build_plan(base, order, launcher, gpu=str(flags.get("gpu") or plan.DEFAULT_GPU),
                             mfu=float(flags["mfu"]) if flags.get("mfu") else None, missing=missing)
         md = plan.write(p, sweep_dir)
         plan.check(p)

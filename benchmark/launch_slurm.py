@@ -26,14 +26,13 @@ import submitit
 import yaml
 
 from benchmark.dag import Node
+from benchmark.job_resources import RESOURCES, stage_resources
 from benchmark.stages import stage_names
 from benchmark.upstream import STAGES
 from benchmark.store import read_json, write_json
 
 log = logging.getLogger(__name__)
 
-RESOURCES = ("partition", "account", "qos", "constraint", "gpus_per_node", "cpus_per_task", "mem_gb",
-             "timeout_min", "nodes", "tasks_per_node")
 OTHER_KEYS = ("name", "profile", "signal_delay_s", "max_requeues", "stages")
 
 
@@ -90,11 +89,6 @@ def resolve(launcher: dict, overrides: list[str] = ()) -> dict:
                 dst[path[-1]] = src[path[-1]]
     validate(cfg)
     return cfg
-
-
-def stage_resources(cfg: dict, stage: str) -> dict:
-    own = (cfg.get("stages") or {}).get(stage) or {}
-    return {k: own[k] if own.get(k) is not None else cfg.get(k) for k in RESOURCES}
 
 
 def validate(cfg: dict) -> None:
@@ -349,7 +343,7 @@ def launch(base: dict, order: list[Node], sweep_dir: Path, overrides: list[str])
     # (with its requeues) cannot finish a stage is refused before anything is submitted.
     from benchmark import plan
     try:
-        costs = plan.build_plan(base, todo, overrides)
+        costs = plan.build_plan(base, todo, launcher=cfg)
         plan.check(costs)
     except ValueError as exc:
         log.error("not submitted: %s", exc)

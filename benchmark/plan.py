@@ -34,6 +34,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark.dag import Node, latent_shape
+from benchmark.job_resources import stage_resources
 from benchmark.store import write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -262,18 +263,16 @@ def utilisation(gpu: str, mfu: float | None) -> tuple[float, str]:
     return DEFAULT_MFU, "assumed: 35-50% is what tuned DiT training reaches (PAPER_SCALE.md); not measured here"
 
 
-def _resources(base: dict, overrides: list[str], stage: str) -> tuple[dict[str, Any], int, int]:
-    """(resources, GPUs, requeues) of a stage's job under the sweep's launcher."""
-    lc = base["launcher"]
-    if lc.get("name") != "slurm":
-        return {"launcher": "local", "workers": lc.get("workers")}, 0, 0
-    from benchmark.launch_slurm import resolve, stage_resources
-    cfg = resolve(lc, overrides)
-    r = stage_resources(cfg, stage)
-    return r, int(r["nodes"]) * int(r["gpus_per_node"] or 0), int(cfg.get("max_requeues", 0))
+def _resources(launcher: dict | None, local: dict, stage: str) -> tuple[dict[str, Any], int, int]:
+    """(resources, GPUs, requeues) of a stage's job: ``launcher`` is the resolved SLURM launcher
+    config (launch_slurm.resolve), None for the local launcher (``local``: its section)."""
+    if launcher is None:
+        return {"launcher": "local", "workers": local.get("workers")}, 0, 0
+    r = stage_resources(launcher, stage)
+    return r, int(r["nodes"]) * int(r["gpus_per_node"] or 0), int(launcher.get("max_requeues", 0))
 
 
-def build_plan(base: dict, order: list[Node], overrides: list[str], gpu: str = DEFAULT_GPU,
+def build_plan(base: dict, order: list[Node], launcher: dict | None = None, gpu: str = DEFAULT_GPU,
                mfu: float | None = None, missing: list[str] | None = None) -> dict[str, Any]:
     """Rows of every stage job in ``order``; ``missing`` lists data and weights not on this
     machine (config.load collected them instead of refusing the sweep)."""
@@ -283,7 +282,7 @@ def build_plan(base: dict, order: list[Node], overrides: list[str], gpu: str = D
     fl = SampleFlops()
     rows: list[PlanRow] = []
     for n in order:
-        res, gpus, requeues = _resources(base, overrides, n.stage)
+        res, gpus, requeues = _resources(launcher, base["launcher"], n.stage)
         cost = stage_cost(n, fl)
         peak = GPU_PEAKS[gpu][cost.precision] * 1e12
         gh = cost.flops / (peak * u) / 3600 if math.isfinite(cost.flops) else float("nan")
