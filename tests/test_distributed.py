@@ -164,9 +164,14 @@ def test_two_torchrun_processes_match_one_process(tiny_overrides, tmp_path, monk
     for root in (b, c):
         (d,) = root.glob("stages/generator/*")
         # ema_0NN.pt: the cpu-tiny preset's EMA snapshots at 25/50/75% (rank 0 writes them too)
-        assert sorted(p.name for p in d.iterdir()) == ["config.yaml", "ema.pt", "ema_025.pt", "ema_050.pt",
-                                                       "ema_075.pt", "record.json", "slice.json", "stage.log"]
-        assert read_json(d / "record.json")["facts"]["generator_world_size"] == 2
+        # attempts.json, progress.json, tb/: the monitor's files (benchmark/monitor.py)
+        assert sorted(p.name for p in d.iterdir()) == ["attempts.json", "config.yaml", "ema.pt", "ema_025.pt",
+                                                       "ema_050.pt", "ema_075.pt", "progress.json", "record.json",
+                                                       "slice.json", "stage.log", "tb"]
+        rec = read_json(d / "record.json")
+        assert rec["facts"]["generator_world_size"] == 2 and rec["world_size"] == 2
+        # C ran twice (1 process killed, then 2): both attempts count in its device-hours
+        assert rec["attempts"] == (2 if root == c else 1)
         worst = _worst_relative_diff(ref, torch.load(d / "ema.pt", weights_only=True))
         assert worst <= REL_TOL, f"{root.name}: 2 processes differ from 1 by {worst:.2e} (relative)"
     assert run_stage.main(["--stage", "generator", *over, f"run_root={b}"]) == 0  # done: skipped
