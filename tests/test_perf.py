@@ -17,7 +17,12 @@ def test_perf_harness_runs_tiny(tmp_path):
     names = [c["case"] for c in res["cases"]]
     assert any("generator" in n for n in names) and any("inception" in n for n in names)
     for c in res["cases"]:
-        assert c["throughput"] > 0 and c["gflop_per_step"] > 0 and 0 < c["fraction_of_fp32_peak"]
+        assert c["throughput"] > 0 and c["gflop_per_step"] > 0 and 0 < c["fraction_of_peak"]
+        assert c["precision"] in ("fp32", "bf16", "mixed")
+    # every bf16 step is measured against the bf16 peak, not fp32's
+    bf16 = [c for c in res["cases"] if c["precision"] == "bf16"]
+    assert bf16 and all(c["fraction_of_peak"] == pytest.approx(c["gflops"] / res["matmul_peak_gflops"]["bf16"])
+                        for c in bf16)
     data = json.loads(next(tmp_path.glob("perf_*.json")).read_text())
     assert data["cases"] == res["cases"]
-    assert "% fp32 peak" in next(tmp_path.glob("perf_*.md")).read_text()
+    assert "% of its peak" in next(tmp_path.glob("perf_*.md")).read_text()

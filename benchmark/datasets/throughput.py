@@ -99,7 +99,11 @@ def data_path_report(root: Path | None, scratch: Path, quick: bool) -> dict[str,
     and without the DCT-scaled draft decode, on ``root``'s images or synthetic ImageNet-like JPEGs."""
     n = 24 if quick else 400
     if root is None:
-        root = synthetic_jpegs(scratch / "synthetic_jpegs", n)
+        # A scratch folder beside the run directories, never the results folder the report goes to.
+        import tempfile
+        with tempfile.TemporaryDirectory(prefix="dmvae-jpegs-") as tmp:
+            out = data_path_report(synthetic_jpegs(Path(tmp), n), scratch, quick)
+        return {**out, "source": f"{n} synthetic ImageNet-like JPEGs (500x375, 375x500, 500x333, 640x480; quality 90)"}
     paths = image_files(root, n)
     if not paths:
         raise FileNotFoundError(f"{root} holds no images to time")
