@@ -28,7 +28,7 @@ import torch
 from benchmark import config
 from benchmark.dag import latent_shape
 from benchmark.logs import setup_logging
-from benchmark.perf import _peak_rss_mb, count_flops
+from benchmark.perf import _peak_rss_mb, count_flops, tokenizer_step
 from benchmark.plan import GPU_PEAKS
 from benchmark.store import write_json, write_text
 
@@ -103,18 +103,8 @@ def build_cases(cfg: dict, device: torch.device, tiny: bool) -> dict[str, tuple[
     dm = dm.to(device) if hasattr(dm, "to") else dm
 
     def tok_step(with_dm: bool) -> torch.Tensor:
-        with amp:
-            z = tok.encode(x).float()
-            loss = (tok.decode(z).float() - x).abs().mean()
-        if with_dm:
-            m, _ = dm(z, y, 0)
-            loss = loss + dm.weight * m
-        topt.zero_grad(set_to_none=True)
-        loss.backward()
-        topt.step()
-        if with_dm:
-            dm.update(z.detach(), y, 0)
-        return loss.detach()
+        return tokenizer_step(tok, topt, x, y, lambda: torch.autocast(device.type, dtype=torch.bfloat16),
+                              dm if with_dm else None)
 
     cases["tokenizer step (encoder + decoder, L1)"] = (lambda: tok_step(False), bs, "img/s")
     cases["tokenizer DM step (+ dm loss + fake update)"] = (lambda: tok_step(True), bs, "img/s")

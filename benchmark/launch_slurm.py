@@ -14,6 +14,8 @@ stage resumes from its last checkpoint; submitit's checkpoint/requeue protocol l
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import shutil
@@ -269,6 +271,35 @@ def load_jobs(sweep_dir: Path) -> dict:
     return read_json(p) if p.exists() else {}
 
 
+# ------------------------------------------------------------------------------ claims
+# A stage's run directory is shared by every sweep that needs it (content-addressed). The job
+# that will produce it is recorded there, so that a second sweep depends on that job instead of
+# submitting the same stage again. The check and the claim happen under an exclusive lock on the
+# run directory (flock; on NFS it needs v4 or lockd), so two sweeps submitted at once cannot both
+# miss each other's claim.
+CLAIM_FILE = "claim.json"
+
+
+@contextlib.contextmanager
+def _claim_lock(node: Node):
+    node.dir.mkdir(parents=True, exist_ok=True)
+    with open(node.dir / ".claim.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def claimed_job(node: Node) -> dict | None:
+    """The claim of a job (any sweep's) that is still queued or running for ``node``, else None."""
+    path = node.dir / CLAIM_FILE
+    if not path.exists():
+        return None
+    claim = read_json(path)
+    return claim if is_active(job_states([claim["job_id"]]).get(claim["job_id"])) else None
+
+
 # ------------------------------------------------------------------------------ submission
 def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict,
            limits: dict[str, int] | None = None) -> dict[str, int]:
@@ -279,7 +310,7 @@ def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict,
     states = job_states([j["job_id"] for j in jobs.values()])
     folder = run_root / "slurm" / "%j"
     job_of: dict[str, str] = {}  # node key -> job id that will produce it
-    counts = {"done": 0, "reused": 0, "submitted": 0}
+    counts = {"done": 0, "reused": 0, "shared": 0, "submitted": 0}
     now = datetime.now(timezone.utc).isoformat(timespec="seconds")
 
     def submit_one(fn, args: tuple, stage: str, name: str, dependency: str | None) -> submitit.Job:
@@ -301,17 +332,31 @@ def submit(order: list[Node], sweep_dir: Path, run_root: Path, cfg: dict,
                 counts["reused"] += 1
                 continue
             after = sorted({job_of[d.key] for d in node.deps.values() if d.key in job_of}, key=int)
-            job = submit_one(StageJob(), (node,), node.stage, node.key,
-                             "afterok:" + ":".join(after) if after else None)
+            deps = [d.key for d in node.deps.values()]
+            with _claim_lock(node):
+                other = claimed_job(node)
+                if other is not None:  # another sweep's job will produce it: depend on that one
+                    job_of[node.key] = other["job_id"]
+                    counts["shared"] += 1
+                    jobs[node.key] = {"job_id": other["job_id"], "stage": node.stage, "cells": node.cells,
+                                      "deps": deps, "dir": str(node.dir), "log": other["log"],
+                                      "submitted_at": other["submitted_at"], "claimed_by": other["sweep"]}
+                    log.info("shared     %-10s job %s of sweep %s -> %s", node.stage, other["job_id"],
+                             Path(other["sweep"]).name, node.dir)
+                    continue
+                job = submit_one(StageJob(), (node,), node.stage, node.key,
+                                 "afterok:" + ":".join(after) if after else None)
+                write_json(node.dir / CLAIM_FILE, {"job_id": job.job_id, "sweep": str(sweep_dir),
+                                                   "log": str(job.paths.stderr), "submitted_at": now})
             job_of[node.key] = job.job_id
             counts["submitted"] += 1
             history = ([old["job_id"]] + old.get("previous", [])) if old else []
             jobs[node.key] = {"job_id": job.job_id, "stage": node.stage, "cells": node.cells,
-                              "deps": [d.key for d in node.deps.values()], "dir": str(node.dir),
+                              "deps": deps, "dir": str(node.dir),
                               "log": str(job.paths.stderr), "submitted_at": now, "previous": history}
             log.info("submitted %-10s job %s (after %s) -> %s", node.stage, job.job_id,
                      ",".join(after) or "nothing", node.dir)
-        if counts["submitted"]:  # a rerun that only found queued jobs keeps their aggregate job
+        if counts["submitted"] or counts["shared"]:  # a rerun that only found its own queued jobs keeps its aggregate job
             after = sorted(set(job_of.values()), key=int)
             agg = submit_one(AggregateJob(), (Path(sweep_dir), run_root), "aggregate", f"aggregate-{Path(sweep_dir).name}",
                              "afterany:" + ":".join(after))
@@ -354,8 +399,8 @@ def launch(base: dict, order: list[Node], sweep_dir: Path, overrides: list[str])
                   "slurm/start-slurm.sh`, or use launcher=local", why)
         return 2
     counts = submit(order, sweep_dir, run_root, cfg, {r.key: r.limit_min for r in costs["rows"]})
-    log.info("%d stages in the grid: %d done, %d already queued or running, %d submitted", len(order),
-             counts["done"], counts["reused"], counts["submitted"])
+    log.info("%d stages in the grid: %d done, %d already queued or running, %d shared with another sweep's "
+             "jobs, %d submitted", len(order), counts["done"], counts["reused"], counts["shared"], counts["submitted"])
     log.info("follow it with: python -m benchmark.status %s", sweep_dir)
     log.info("logs: %s/<job id>/; tables appear in %s when every job has ended", run_root / "slurm", sweep_dir)
     return 0

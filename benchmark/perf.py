@@ -84,6 +84,23 @@ def measure_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096)
     return {"gflops": max(by_size.values()), "by_size": by_size, "threads": torch.get_num_threads()}
 
 
+def tokenizer_step(tok, opt, x: torch.Tensor, y: torch.Tensor, autocast: Callable, dm=None) -> torch.Tensor:
+    """One tokenizer update as the stage makes it (L1 reconstruction in the preset's precision),
+    with the dm loss and its fake-network update when ``dm`` is given. Shared with gpu_check."""
+    with autocast():
+        z = tok.encode(x).float()
+        loss = (tok.decode(z).float() - x).abs().mean()
+    if dm is not None:
+        m, _ = dm(z, y, 0)
+        loss = loss + dm.weight * m
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    if dm is not None:
+        dm.update(z.detach(), y, 0)
+    return loss.detach()
+
+
 def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object], int, str]]:
     """name -> (one step, items per step, unit)."""
     from benchmark.metrics import build_detector
@@ -114,17 +131,7 @@ def build_cases(cfg: dict, quick: bool) -> dict[str, tuple[Callable[[], object],
         else contextlib.nullcontext
 
     def tok_step(with_dm: bool) -> None:
-        with autocast():
-            z = tok.encode(x).float()
-            loss = (tok.decode(z).float() - x).abs().mean()
-        if with_dm:
-            m, _ = dm(z, y, 0)
-            loss = loss + dm.weight * m
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if with_dm:
-            dm.update(z.detach(), y, 0)
+        tokenizer_step(tok, opt, x, y, autocast, dm if with_dm else None)
 
     def fake_step() -> None:
         with torch.no_grad(), autocast():

@@ -379,3 +379,35 @@ def test_bad_launcher_config_rejected_before_submission(over, message, tmp_path,
     assert grid.main(["grid=single", "launcher=slurm", f"run_root={tmp_path}", *over]) == 2
     assert message in caplog.text
     assert not (tmp_path / "stages").exists() and not (tmp_path / "slurm").exists()
+
+
+@needs_cluster
+def test_two_sweeps_that_share_a_stage_submit_it_once(tmp_path):
+    """The second sweep finds the first one's claim in the shared run directory and depends on
+    that job instead of submitting the stage again (fid_ref: every cell of a dataset has it)."""
+    base = TINY + SLURM + ["grid=single", "loss=kl", f"run_root={tmp_path}"]
+    one, two = base + ["prior=gaussian"], base + ["prior=gmm"]
+    ids: list[str] = []
+    try:
+        assert grid.main(one) == 0
+        j1 = launch_slurm.load_jobs(_sweep(one))
+        ids += [j["job_id"] for j in j1.values()]
+        # Held, so that none finishes (and counts as done) before the second sweep looks.
+        subprocess.run(["scontrol", "hold", ",".join(ids)], check=True, capture_output=True)
+        assert grid.main(two) == 0
+        j2 = launch_slurm.load_jobs(_sweep(two))
+        ids += [j["job_id"] for j in j2.values()]
+        shared = (set(j1) & set(j2)) - {"aggregate"}
+        stages = {j1[k]["stage"] for k in shared}
+        assert "fid_ref" in stages, stages
+        for k in shared:
+            assert j2[k]["job_id"] == j1[k]["job_id"] and j2[k]["claimed_by"] == str(_sweep(one))
+        assert not {j2[k]["job_id"] for k in set(j2) - shared} & {j["job_id"] for j in j1.values()}
+        # The second sweep's recon_eval waits on the first sweep's fid_ref job.
+        rec = next(k for k, j in j2.items() if j["stage"] == "recon_eval")
+        fid = next(k for k in shared if j1[k]["stage"] == "fid_ref")
+        dep = subprocess.run(["scontrol", "show", "job", j2[rec]["job_id"]], capture_output=True, text=True).stdout
+        assert j1[fid]["job_id"] in dep.split("Dependency=")[1].split()[0]
+    finally:
+        if ids:
+            subprocess.run(["scancel", *sorted(set(ids))], capture_output=True)
