@@ -1,5 +1,6 @@
 """Data-parallel tokenizer training: two gloo processes (torchrun) against one process with the
-same global batch, through the dm matching loss (fake network replicated on the gathered batch)."""
+same global batch, through the dm matching loss (its fake network trains on each rank's rows with
+averaged gradients; that step alone, rank agreement and resume: tests/test_dm_fake_ddp.py)."""
 from __future__ import annotations
 
 import os

@@ -16,8 +16,9 @@ batch; every rank draws the same global indices (one data generator) and compute
 reconstruction terms on its slice; gradients of the tokenizer and of the discriminator are
 averaged over ranks. The matching loss is computed on the *gathered* global batch of latents,
 replicated on every rank with the same random draws: batch-level losses (mmd, swd) then see the
-batch one process sees, and the loss's own networks (dm's fake) take the identical step on every
-rank, so they stay in sync without any gradient traffic (their step is replicated, not split).
+batch one process sees. The loss's own networks step on the gathered batch, replicated on every
+rank, except for a loss with ``update_sharded`` (dm): its fake trains on each rank's own rows
+with that rank's share of the global batch's draws, and its gradients are averaged over ranks.
 """
 from __future__ import annotations
 
@@ -288,7 +289,13 @@ class TokenizerTraining:
         """The loss's own networks track q(z): from the first iteration on, or from the matching
         phase on for losses with ``update_in_warmup = False`` (dm, as the paper's DM stage)."""
         with self.autocast():
-            self.logs.update(self.match.update(self.norm(gather_rows(z_det, self.rank)), y_all, it))
+            if self.match.update_sharded:
+                # This rank's rows only: the loss draws for the global batch and averages its
+                # networks' gradients over ranks (dm's fake), instead of repeating the whole step.
+                logs = self.match.update(self.norm(z_det), y_all, it, rows=self.rows)
+            else:
+                logs = self.match.update(self.norm(gather_rows(z_det, self.rank)), y_all, it)
+            self.logs.update(logs)
 
     def disc_step(self, x: torch.Tensor, x_rec: torch.Tensor, it: int) -> None:
         gan, bs, off = self.gan, self.bs, self.rows.start

@@ -4,6 +4,9 @@
 the trainer multiplies by ``weight`` (lambda). ``update`` lets a loss train networks it owns
 (the dm loss's fake score network) on detached latents every step, and ``tokenizer_every``
 tells the trainer how often the tokenizer itself steps (the paper's alternating updates).
+With several processes a loss whose ``update_sharded`` is True gets only this rank's rows of
+the global batch and averages its networks' gradients over ranks (``average_gradients``);
+the others get the gathered global batch on every rank and repeat the same step there.
 Being an nn.Module, a loss's state_dict holds its networks; optimisers add themselves through
 ``extra_state`` so that a resumed run continues exactly.
 """
@@ -11,9 +14,10 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -28,10 +32,45 @@ def config_kwargs(cls: type, loss_cfg: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def average_gradients(params: Iterable[nn.Parameter], *scalars: torch.Tensor) -> list[torch.Tensor]:
+    """Mean over ranks of the gradients of ``params`` and of ``scalars`` (e.g. the logged loss),
+    in one flat all-reduce; without a process group nothing is sent and ``scalars`` come back.
+
+    A parameter whose gradient is None on some ranks but not others would leave the flat
+    buffers misaligned and the replicas diverging, so each parameter carries a "has a gradient"
+    flag: where any rank has one, every rank ends with the mean (None counts as 0), and AdamW
+    then steps that parameter on every rank alike."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return list(scalars)
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        return list(scalars)
+    ref = params[0]
+    has = torch.tensor([float(p.grad is not None) for p in params], dtype=ref.dtype, device=ref.device)
+    grads = [p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=ref.dtype, device=ref.device)
+             for p in params]
+    flat = torch.cat([has, *grads, *(s.detach().reshape(1).to(ref.dtype) for s in scalars)])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    used = (flat[: len(params)] > 0).tolist()  # one device sync, not one per parameter
+    i = len(params)
+    for p, any_rank in zip(params, used):
+        n = p.numel()
+        if any_rank:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(flat[i: i + n].view_as(p))
+        i += n
+    return [flat[i + j].to(s.dtype) for j, s in enumerate(scalars)]
+
+
 class MatchingLoss(nn.Module):
     needs_posterior = False     # True: forward needs the encoder's (mean, logvar)
     tokenizer_every = 1
     update_in_warmup = True     # False: the loss's own networks start training with the matching phase
+    # True: ``update`` takes ``rows=`` and only this rank's rows of the global batch (see
+    # DistributionMatching.update); False: the gathered global batch on every rank.
+    update_sharded = False
 
     # ---- what the runner asks of a loss class before and when it builds one
 

@@ -11,12 +11,14 @@ import copy
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from generators import build_generator, flow_matching_loss, guided_velocity, sample_t
-from generators import interpolate, velocity_to_x1
+from generators import interpolate, velocity_target, velocity_to_x1
 from priors.base import ExactTeacher
-from priors.losses.base import MatchingLoss, config_kwargs
+from priors.losses.base import MatchingLoss, average_gradients, config_kwargs
 from priors.registry import LOSSES
 
 
@@ -56,6 +58,9 @@ class DistributionMatching(MatchingLoss):
     # trained on the warm-up's latents would start the DM phase somewhere else (and drift: with
     # q = p_ref, 130 warm-up steps at lr 3e-4 took its error from 0.10 to 0.18 of the 1.5x signal).
     update_in_warmup = False
+    # With N processes each rank trains the fake on its own 1/N of the batch and the gradients
+    # are averaged, instead of every rank repeating the whole batch's step (issue #15).
+    update_sharded = True
     config_keys_read_elsewhere = ("teacher", "teacher_steps", "teacher_batch_size", "teacher_lr",
                                   "teacher_checkpoint_every", "teacher_plateau", "teacher_seed", "fake_init")
 
@@ -160,17 +165,69 @@ class DistributionMatching(MatchingLoss):
         warm = max(1, int(fake_warmup_steps or 0))
         self.fake_sched = torch.optim.lr_scheduler.LambdaLR(self.fake_opt, lambda s: min(1.0, (s + 1) / warm))
 
-    def update(self, z: torch.Tensor, labels: torch.Tensor, step: int) -> dict[str, float]:
-        """One flow-matching step of the fake network on the current (detached) latents."""
+    def update(self, z: torch.Tensor, labels: torch.Tensor, step: int,
+               rows: slice | None = None) -> dict[str, float]:
+        """One flow-matching step of the fake network on the current (detached) latents.
+
+        ``rows``: ``z`` holds only these rows of a global batch of ``len(labels)`` (this
+        rank's slice in data-parallel training; ``labels`` are the global batch's). The step
+        then draws noise, t and label dropout for the whole global batch in the order one
+        process draws them, keeps its rows, and averages the gradient over ranks before the
+        (clipped) AdamW step: the equal-sized slices' mean losses average to the global batch's
+        mean, so N processes take the step one process takes, each doing 1/N of the work, and
+        every rank ends with the same averaged gradient and so the same fake and optimiser
+        state. None, or rows covering the batch (one process), is the one-process step itself."""
         self.fake.train()
-        loss = flow_matching_loss(self.fake, z.detach(), labels)
+        z = z.detach()
+        whole = rows is None or (z.shape[0] == labels.shape[0] and rows.start in (0, None))
+        if whole:
+            loss = flow_matching_loss(self.fake, z, labels)
+        else:
+            if not (dist.is_available() and dist.is_initialized()):
+                raise RuntimeError(f"dm update got rows {rows} of a batch of {labels.shape[0]} but there is no "
+                                   f"process group to average the fake network's gradients over")
+            if labels.shape[0] % z.shape[0] or z.shape[0] * dist.get_world_size() != labels.shape[0]:
+                # The mean of the ranks' mean losses is the batch's mean only for equal slices.
+                raise ValueError(f"dm update got {z.shape[0]} rows of a batch of {labels.shape[0]} on "
+                                 f"{dist.get_world_size()} ranks; the slices must be equal")
+            loss = self.rows_loss(z, labels, rows)
         self.fake_opt.zero_grad(set_to_none=True)
         loss.backward()
+        if not whole:
+            # One flat all-reduce by hand rather than a DistributedDataParallel wrapper: the fake
+            # is also called forward-only (no_grad, eval) in direction(), which must see the
+            # plain module; DDP would prefix the state_dict keys that checkpoints and the teacher
+            # copy share, and expects a backward after every training-mode forward. The logged
+            # loss rides in the same buffer, so the step costs one collective.
+            (loss,) = average_gradients(self.fake.parameters(), loss)
         if self.fake_grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.fake.parameters(), self.fake_grad_clip)
         self.fake_opt.step()
         self.fake_sched.step()
         return {"fake_fm": float(loss.detach())}
+
+    def rows_loss(self, z: torch.Tensor, labels: torch.Tensor, rows: slice) -> torch.Tensor:
+        """``flow_matching_loss`` of the fake on rows ``rows`` of a global batch of
+        ``len(labels)`` whose rows ``z`` are, with that batch's draws: noise (randn of the
+        global shape), t, then the label dropout FlowDiT draws in training mode, from torch's
+        global RNG in that order, so that the RNG ends where one process's step leaves it and
+        each rank's rows get the values one process gives them. The dropout is applied here on
+        the global labels (as LabelEmbedder does) and the fake runs in eval mode so that it
+        does not draw again; its only training-mode behaviour is that dropout."""
+        n = labels.shape[0]
+        eps = torch.randn((n, *z.shape[1:]), device=z.device, dtype=z.dtype)[rows]
+        t = sample_t(n, "uniform", device=z.device)[rows]
+        emb = self.fake.y_embedder
+        y = labels
+        if emb.dropout_prob > 0:
+            u = torch.rand(n, device=labels.device)
+            y = torch.where(u < emb.dropout_prob, torch.full_like(labels, emb.num_classes), labels)
+        self.fake.eval()
+        try:
+            v = self.fake(interpolate(z, eps, t), t, y[rows])
+        finally:
+            self.fake.train()
+        return F.mse_loss(v.float(), velocity_target(z, eps).float())
 
     def direction(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """g: the per-sample-normalised difference of the two clean-data estimates."""
