@@ -63,6 +63,19 @@ def _is_interval(key: str, parent: str | None) -> bool:
     return key == "teacher_checkpoint_every" or (key == "checkpoint_every" and parent in ("stage1", "train"))
 
 
+# The generator's scale keys (issue #15, benchmark/settings.py GeneratorSettings). grad_accum and
+# activation_checkpointing say how a rank computes its share of the global batch, not what: the
+# results equal the plain run up to float-sum order (tests/test_generator_scale.py), as with
+# another world size, which is not in the key either; so a run may resume with other values.
+# precision changes what is computed; it enters the key only when it is not fp32, the behaviour
+# before the key existed, so existing run directories keep their names.
+GENERATOR_HOW = frozenset({"grad_accum", "activation_checkpointing"})
+
+
+def _generator_slice(gen: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in gen.items() if k not in GENERATOR_HOW and not (k == "precision" and v == "fp32")}
+
+
 def _strip_docs(obj: Any, parent: str | None = None) -> Any:
     if isinstance(obj, dict):
         return {k: _strip_docs(v, k) for k, v in obj.items() if k not in DOC_KEYS and not _is_interval(k, parent)}
@@ -180,7 +193,7 @@ class DagBuilder:
         # The generator reads its latents from the cache (which is keyed by the tokenizer). Whether
         # it also trains on the flipped views (dataset.hflip) enters its key only when set.
         hflip = {"hflip": True} if c["dataset"].get("hflip", False) else {}
-        out["generator"] = self._node("generator", c, {"generator": c["generator"], "seed": cell.seed,
+        out["generator"] = self._node("generator", c, {"generator": _generator_slice(c["generator"]), "seed": cell.seed,
                                                        "num_classes": c["dataset"]["num_classes"], **hflip},
                                       {"latent_cache": out["latent_cache"]}, cell)
         out["gen_eval"] = self._node("gen_eval", c, {"n": ev["n_samples"], "sampler": ev["sampler"],

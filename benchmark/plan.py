@@ -195,7 +195,10 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
                          "it stops at its plateau)")
     if s == "generator":
         steps, bs = int(gc["steps"]), int(gc["batch_size"])
-        return StageCost(3 * fl.generator(cfg) * bs * steps, _bf16(gc), f"{steps:,} steps x {bs} latents x 3 fwd")
+        # Activation checkpointing recomputes each block's forward during the backward pass.
+        fwd = 4 if gc.get("activation_checkpointing") else 3
+        return StageCost(fwd * fl.generator(cfg) * bs * steps, _bf16(gc),
+                         f"{steps:,} steps x {bs} latents x {fwd} fwd")
     if s == "latent_cache":
         enc, _ = fl.tokenizer(cfg)
         n = int(gc.get("train_images") or 0)

@@ -174,6 +174,30 @@ class GeneratorSettings(Settings):
     # work of a rank and of resume after a kill. A multiple of encode_all's batch (500) keeps the
     # cached latents bit-identical to encoding the whole set at once.
     cache_shard_size: int = 10000
+    # Scale (issue #15; PAPER_SCALE.md). The defaults are the behaviour before these keys existed,
+    # and benchmark/dag.py keeps a key out of the generator's stage key while it has its default
+    # value, so existing run directories keep their names.
+    # precision: bf16 = torch.autocast(bfloat16) around the DiT's forward on the device type; the
+    # weights, AdamW state, EMA and the loss stay fp32 (DMVAE_METHOD.md: bf16 autocast in the
+    # DM stages; paper-in256 uses it for the generator too).
+    precision: Precision = "fp32"
+    # grad_accum: each rank computes its share of the global batch in this many micro-batches
+    # (summed gradients, one optimiser step). The draw of the global batch is unchanged, so results
+    # equal grad_accum=1 up to the order of float sums (tests/test_generator_scale.py). How, not
+    # what: not part of the stage key (like the world size).
+    grad_accum: int = 1
+    # activation_checkpointing: recompute each DiT block's activations in the backward pass
+    # (torch.utils.checkpoint, non-reentrant) instead of storing them; same gradients, less memory,
+    # about one more forward of compute. How, not what: not part of the stage key.
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        # Types are checked by from_dict; ranges here, so a bad value fails before any stage runs.
+        if self.grad_accum < 1:
+            raise SettingsError(f"generator.grad_accum={self.grad_accum} (needs >= 1: micro-batches per rank)")
+        if self.batch_size % self.grad_accum:
+            raise SettingsError(f"generator.batch_size={self.batch_size} must divide into generator.grad_accum="
+                                f"{self.grad_accum} micro-batches; use a multiple of {self.grad_accum}")
 
 
 @dataclass(frozen=True, kw_only=True)

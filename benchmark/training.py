@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from benchmark import distributed
+from benchmark.distributed import DistInfo
 from benchmark.store import load_torch, save_torch
 
 log = logging.getLogger(__name__)
@@ -110,12 +112,19 @@ class PlateauStop:
         self.decayed = 0
         self.curve: list[tuple[int, float]] = []
         self.best, self.bad, self.stopped_at = float("inf"), 0, None
+        self.sync = False  # set by train_steps when it runs data parallel: take rank 0's value
 
     def after_step(self, step: int) -> bool:
         """Called with the number of steps done; True = stop now."""
         if step % self.every:
             return False
+        # Data parallel (the teacher stage): every rank evaluates, and rank 0's value is taken by
+        # all, so the counters, the decays and the stop are the same on every rank even if the
+        # devices round differently (a rank stopping alone would leave the others hanging in DDP's
+        # next all-reduce).
         value = float(self.evaluate())
+        if self.sync:
+            value = _rank0_value(value)
         self.curve.append((step, value))
         if value < self.best * (1 - self.tol):
             self.best, self.bad = value, 0
@@ -141,10 +150,23 @@ class PlateauStop:
         self.decayed = int(state.get("decayed", 0))
 
 
+def _rank0_value(value: float) -> float:
+    """``value`` of rank 0 on every rank; the value itself with one process."""
+    if not torch.distributed.is_initialized():
+        return value
+    # float64 on the backend's device: gloo reduces CPU tensors, nccl only CUDA ones.
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" \
+        else torch.device("cpu")
+    t = torch.tensor([value], dtype=torch.float64, device=dev)
+    torch.distributed.broadcast(t, src=0)
+    return float(t.item())
+
+
 def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.Generator, ckpt: Checkpoint,
                 steps: int, loss_at, window: int = 100, clip: float = 1.0,
                 extra_state: dict[str, Any] | None = None,
-                monitor: PlateauStop | None = None) -> tuple[int, list[float], float]:
+                monitor: PlateauStop | None = None,
+                info: DistInfo | None = None) -> tuple[int, list[float], float]:
     """The loop of the single-network stages (teacher, ssl_backbone, stage 1 of feature priors):
     resume from ``ckpt`` (model, optimiser, schedule when there is one, data generator, step),
     then per step ``loss_at(step)``, a finite check naming the stage, backward, clipping,
@@ -152,8 +174,14 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
     checkpoint and must match on resume (a fingerprint of inputs the caller recomputes), else
     the checkpoint belongs to other inputs and training starts over. ``monitor`` (a PlateauStop)
     may end training before ``steps``; its state is checkpointed too.
+    Data parallel (``info`` with world_size > 1; the teacher stage): ``loss_at(step)`` returns
+    this rank's loss through a DistributedDataParallel wrapper of ``model`` (which averages the
+    gradients in backward), every rank loads the checkpoint, rank 0 alone writes it and shows
+    progress, and the finite check and the recorded losses use the mean over ranks, so every rank
+    stops at the same step. ``model`` is the bare module (its state_dict has no ``module.`` prefix).
     Returns (first step run, the last ``window`` losses, seconds spent in the loop)."""
     import time
+    info = info or DistInfo()
     start = 0
     if (state := ckpt.load(extra_state)) is not None:
         model.load_state_dict(state["model"]); opt.load_state_dict(state["opt"])
@@ -162,28 +190,36 @@ def train_steps(stage: str, model: torch.nn.Module, opt, sched, data_rng: torch.
         data_rng.set_state(state["data_rng"]); start = state["step"]
         if monitor is not None:
             monitor.load_state_dict(state["monitor"])
+    if info.distributed:
+        distributed.barrier()  # all ranks have read ckpt.pt before rank 0 may replace it
+        if monitor is not None:
+            monitor.sync = True
     t0, recent = time.perf_counter(), []
-    bar = progress(steps, stage, start)
+    bar = progress(steps, stage, start) if info.is_main else tqdm(disable=True)
     # Log lines, progress.json and TensorBoard scalars in the stage's run directory (the
     # checkpoint's folder; none for a prior fitted outside a stage).
     from benchmark.monitor import TrainMonitor
     mon = TrainMonitor(stage.split("/")[0], ckpt.path.parent if ckpt.path is not None else None, steps, start,
-                       unit="steps")
+                       unit="steps", is_main=info.is_main)
     for step in range(start, steps):
         loss = loss_at(step)
-        check_finite(loss, stage, step)
+        # The mean over ranks; with one process the loss itself (no collective, the old path). Only
+        # a data-parallel caller all-reduces: a stage run on rank 0 alone inside a process group
+        # must not wait for ranks that never call.
+        mean_loss = distributed.all_reduce_mean(loss.detach()) if info.distributed else loss.detach()
+        check_finite(mean_loss, stage, step)
         opt.zero_grad(set_to_none=True); loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         if sched is not None:
             sched.step()
-        recent = (recent + [float(loss.detach())])[-window:]
+        recent = (recent + [float(mean_loss)])[-window:]
         bar.update(1)
         mon.step(step + 1, recent[-1], lr=opt.param_groups[0]["lr"], grad_norm=float(grad), items=1)
         if monitor is not None and monitor.after_step(step + 1):
             log.info("%s: held-out loss plateaued at step %d (curve %s)", stage, step + 1, monitor.curve[-4:])
             break
-        if ckpt.due(step + 1) and step + 1 < steps:
+        if info.is_main and ckpt.due(step + 1) and step + 1 < steps:
             ckpt.save(step + 1, model=model.state_dict(), opt=opt.state_dict(),
                       sched=None if sched is None else sched.state_dict(), data_rng=data_rng.get_state(),
                       extra=extra_state or {},

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import Mlp, RmsNorm, SwiGLU
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -294,6 +295,9 @@ class FlowDiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, in_channels, rmsnorm)
         self.initialize_weights(learned_pos=pos_embed == "learned")
+        # Activation checkpointing (generator.activation_checkpointing): a plain attribute, not
+        # state, so checkpoints and EMA files do not depend on it.
+        self.grad_checkpointing = False
 
     def initialize_weights(self, learned_pos: bool) -> None:
         # DiT's initialisation: xavier linears, N(0, 0.02) embeddings, zero adaLN and output so
@@ -338,8 +342,13 @@ class FlowDiT(nn.Module):
         """
         x = self.x_embedder(x).flatten(2).transpose(1, 2) + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y, self.training, generator)
+        recompute = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, c)
+            # Non-reentrant checkpointing (the form PyTorch recommends; it works with DDP and with
+            # inputs that need no grad): a block's activations are recomputed in the backward pass
+            # instead of kept, so memory holds one block's activations at a time. The blocks draw
+            # no random numbers, so the recomputation is exact.
+            x = checkpoint(block, x, c, use_reentrant=False) if recompute else block(x, c)
         return self.unpatchify(self.final_layer(x, c))
 
 

@@ -14,11 +14,19 @@ inputs one process sees, and the averaged gradient is the full-batch gradient up
 float sums. Label dropout is therefore applied here, with the model's own dropout switched off.
 Seeding by step also makes resume exact with no RNG state in the checkpoint, and lets a run
 checkpointed with one world size continue with another.
+
+Scale (issue #15; the memory arithmetic is in benchmark/conf/generator/paper-in256.yaml):
+``generator.grad_accum`` splits a rank's slice into that many micro-batches after the draw, so
+the step's inputs stay those of the global batch and only the order of float sums changes;
+``generator.precision=bf16`` runs the forward under autocast (weights, AdamW, EMA and the loss
+stay fp32); ``generator.activation_checkpointing`` recomputes each DiT block in the backward
+pass. Neither of the last two changes the draws.
 """
 from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +89,10 @@ class Batch:
         s = slice(rank * n, (rank + 1) * n)
         return Batch(self.idx[s], self.t[s], self.eps[s], self.drop[s], None if self.flip is None else self.flip[s])
 
+    def micro(self, accum: int) -> list["Batch"]:
+        """This rank's slice in ``accum`` consecutive micro-batches (generator.grad_accum)."""
+        return [self.part(i, accum) for i in range(accum)]
+
 
 def draw_batch(g: torch.Generator, n_items: int, batch_size: int, shape: tuple[int, ...],
                t_kind: str, p_drop: float, hflip: bool = False) -> Batch:
@@ -126,14 +138,27 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
     ``hflip``: draw the cache's flipped view with probability 1/2."""
     gc, seed = settings(cfg), int(cfg["seed"])
     info = info or distributed.current(cfg.get("device", "auto"))
-    steps, bs, dev = gc.steps, gc.batch_size, info.device
+    steps, bs, dev, accum = gc.steps, gc.batch_size, info.device, gc.grad_accum
     if bs % info.world_size:
         raise ValueError(f"generator.batch_size={bs} is the global batch and must divide evenly over "
                          f"{info.world_size} processes; use a multiple of {info.world_size}")
+    if bs % (info.world_size * accum):
+        raise ValueError(f"generator.batch_size={bs} must split into {info.world_size} processes x "
+                         f"generator.grad_accum={accum} micro-batches; use a multiple of {info.world_size * accum}")
     torch.manual_seed(seed + 1)
     model = build_model(cfg, class_dropout_prob=0.0).to(dev).train()
     p_drop = label_dropout(cfg)
     ema = EMA(model, gc.ema_decay)
+    if gc.activation_checkpointing:
+        # After the EMA copy: the shadow only samples (no grad), it never needs recomputation.
+        if not hasattr(model, "grad_checkpointing"):
+            raise ValueError(f"generator.activation_checkpointing: generator {gc.model!r} "
+                             f"({type(model).__name__}) has no grad_checkpointing switch; set it to false")
+        model.grad_checkpointing = True
+    # bf16 autocast on the device type (CPU or CUDA), the mixed precision DMVAE_METHOD.md names
+    # for the DM stages; parameters, gradients and AdamW state stay fp32, and bf16 has fp32's
+    # exponent range, so no loss scaler.
+    autocast = (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if gc.precision == "bf16" else nullcontext
     opt = adamw(model.parameters(), dev, lr=gc.lr, betas=gc.betas, weight_decay=gc.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(gc.lr_warmup_steps))
     ckpt = Checkpoint(Path(out_dir) / "ckpt.pt", gc.checkpoint_every)
@@ -156,16 +181,27 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
     for step in range(start, steps):
         b = draw_batch(step_generator(seed, step, dev), len(z_all), bs, shape, gc.t_sampling,
                        p_drop, hflip).part(info.rank, info.world_size)
-        idx = b.idx.cpu()
-        z = latent_rows(z_all, idx, b.flip).to(dev, non_blocking=True)
-        y = torch.where(b.drop, model.null_label, y_all[idx].to(dev, non_blocking=True))
-        v = net(interpolate(z, b.eps, b.t), b.t, y)
-        loss = F.mse_loss(v.float(), velocity_target(z, b.eps).float())
+        opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), device=dev)
+        for i, mb in enumerate(b.micro(accum)):
+            idx = mb.idx.cpu()
+            z = latent_rows(z_all, idx, mb.flip).to(dev, non_blocking=True)
+            y = torch.where(mb.drop, model.null_label, y_all[idx].to(dev, non_blocking=True))
+            with autocast():
+                v = net(interpolate(z, mb.eps, mb.t), mb.t, y)
+            # Equal micro-batches: the mean of their means is the slice's mean, so the summed
+            # gradients are the slice's gradient, and DDP's average over ranks the global one.
+            loss = F.mse_loss(v.float(), velocity_target(z, mb.eps).float()) / accum
+            # DDP all-reduces gradients in the backward of the last micro-batch only.
+            sync = net.no_sync() if info.distributed and i < accum - 1 else nullcontext()
+            with sync:
+                loss.backward()
+            loss_sum += loss.detach()
         # The mean over ranks is the full-batch loss; checking it (not the local one) makes every
-        # rank stop at the same step instead of leaving the others waiting in a collective.
-        mean_loss = distributed.all_reduce_mean(loss.detach())
+        # rank stop at the same step instead of leaving the others waiting in a collective. It is
+        # checked before the optimiser step, so non-finite gradients never reach the weights.
+        mean_loss = distributed.all_reduce_mean(loss_sum)
         check_finite(mean_loss, "generator", step)
-        opt.zero_grad(set_to_none=True); loss.backward()
         grad = torch.nn.utils.clip_grad_norm_(model.parameters(), gc.grad_clip)
         opt.step(); sched.step(); ema.update(model)
         recent = (recent + [float(mean_loss)])[-100:]
@@ -189,7 +225,9 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
             "ema_snapshots": [snaps[s] for s in sorted(snaps)],
             "generator_steps_per_s": (steps - start) / max(elapsed, 1e-9),
             "generator_params": sum(p.numel() for p in model.parameters()),
-            "generator_world_size": info.world_size}
+            "generator_world_size": info.world_size, "generator_grad_accum": accum,
+            "generator_precision": gc.precision,
+            "generator_activation_checkpointing": gc.activation_checkpointing}
 
 
 def run(node: Node) -> dict:
