@@ -29,6 +29,7 @@ from benchmark.stages import sample_shards as shards
 from benchmark.store import read_json
 from conftest import TINY
 from test_datasets_folder import MODES, SIZES, _image, _save
+from test_gen_eval_sharded import _files as _eval_files  # every shard file and samples.npz
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -112,12 +113,6 @@ def _children(pid: int) -> list[int]:
 def _cache_files(d: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(d.iterdir())
             if p.name.startswith("shard_") or p.name in (lc.LABELS, lc.INDEX)}
-
-
-def _eval_files(d: Path) -> dict[str, bytes]:
-    out = {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted((d / shards.SHARD_DIR).glob("*.pt"))}
-    out[shards.NPZ_NAME] = (d / shards.NPZ_NAME).read_bytes()
-    return out
 
 
 def _facts(d: Path) -> dict:
