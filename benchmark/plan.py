@@ -86,15 +86,17 @@ class SampleFlops:
     """Forward FLOPs of one sample through each model of a cell, counted once per config."""
 
     def __init__(self) -> None:
-        self._memo: dict[str, float] = {}
+        self._memo: dict[str, Any] = {}
 
-    def _once(self, key: str, fn: Callable[[], float]) -> float:
+    def _once(self, key: str, fn: Callable[[], Any], missing: Any = float("nan")) -> Any:
+        """fn() counted once per key; ``missing`` (nan: left out of totals) when the model
+        cannot be built here, with a warning that says so."""
         if key not in self._memo:
             try:
                 self._memo[key] = fn()
-            except Exception as exc:  # a model that cannot be built here: say so, count nothing
+            except Exception as exc:
                 log.warning("plan: could not count %s (%s); its cost is left out", key.split("|")[0], exc)
-                self._memo[key] = float("nan")
+                self._memo[key] = missing
         return self._memo[key]
 
     def tokenizer(self, cfg: dict) -> tuple[float, float]:
@@ -110,14 +112,8 @@ class SampleFlops:
                 z = torch.zeros(1, *latent_shape(cfg))
                 dec = _count(lambda: tok.decode(z))
             return enc, dec
-        key = json.dumps([cfg["tokenizer"], cfg["dataset"]], sort_keys=True, default=str)
-        if key not in self._memo:
-            try:
-                self._memo[key] = count()  # type: ignore[assignment]
-            except Exception as exc:
-                log.warning("plan: could not count the tokenizer (%s); its cost is left out", exc)
-                self._memo[key] = (float("nan"), float("nan"))  # type: ignore[assignment]
-        return self._memo[key]  # type: ignore[return-value]
+        key = "tokenizer|" + json.dumps([cfg["tokenizer"], cfg["dataset"]], sort_keys=True, default=str)
+        return self._once(key, count, missing=(float("nan"), float("nan")))
 
     def _dit(self, cfg: dict, build: Callable[[], torch.nn.Module], what: str, spec: Any) -> float:
         def count() -> float:
