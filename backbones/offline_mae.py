@@ -79,10 +79,24 @@ class MAE(nn.Module):
         x = x.reshape(x.shape[0], self.in_chans, s, p, s, p)
         return x.permute(0, 2, 4, 3, 5, 1).reshape(x.shape[0], s * s, p * p * self.in_chans)
 
-    def loss(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean squared error on the masked patches of ``x`` [n, C, H, W].
+
+        The mask keeps, per image, the ``round(L * (1 - mask_ratio))`` patches of lowest
+        ``noise`` [n, L]: drawn here as ``torch.rand(n, L, generator=generator)`` when None. A
+        data-parallel caller draws that tensor for the whole global batch itself (in the order
+        one process draws it) and passes its rows of this process's slice, so N processes mask
+        exactly the patches one process masks. The loss is a mean over n * (L - keep) patches,
+        a count the same for every equal slice: the mean of the slices' losses is the global
+        batch's."""
         n, L = x.shape[0], self.num_patches
         keep = max(1, int(round(L * (1 - mask_ratio))))
-        noise = torch.rand(n, L, generator=generator).to(x.device)
+        if noise is None:
+            noise = torch.rand(n, L, generator=generator)
+        elif noise.shape != (n, L):
+            raise ValueError(f"MAE.loss: noise of shape {tuple(noise.shape)} for {n} images of {L} patches")
+        noise = noise.to(x.device)
         order = noise.argsort(dim=1)            # random permutation per image
         kept = order[:, :keep]
         t = self._tokens(x)
