@@ -4,7 +4,8 @@
   turn it on, ``--tf32``), and cuDNN's autotuner for the fixed shapes of a training loop.
 - Fused AdamW (one kernel for the whole parameter update instead of a loop over tensors).
 bf16 autocast is each stage's own (its ``precision`` setting); torch.compile is per stage too
-(``tokenizer.compile``).
+(``tokenizer.compile``, ``loss.compile`` for the teacher stage and the dm networks,
+``generator.compile``, ``eval.compile`` for gen_eval's sampler), kept out of every stage key.
 """
 from __future__ import annotations
 

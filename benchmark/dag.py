@@ -63,13 +63,20 @@ def _is_interval(key: str, parent: str | None) -> bool:
     return key == "teacher_checkpoint_every" or (key == "checkpoint_every" and parent in ("stage1", "train"))
 
 
+# torch.compile switches (tokenizer.compile, loss.compile, generator.compile, eval.compile) say how
+# a stage computes, not what: compiled kernels fuse the same operations and differ from eager only
+# in float rounding, as another world size does (not in any key either). A run may resume with
+# the switch flipped, and turning it on must not orphan finished runs.
+HOW_KEYS = frozenset({"compile"})
+
+
 # The generator's scale keys (issue #15, benchmark/settings.py GeneratorSettings). grad_accum and
 # activation_checkpointing say how a rank computes its share of the global batch, not what: the
 # results equal the plain run up to float-sum order (tests/test_generator_scale.py), as with
 # another world size, which is not in the key either; so a run may resume with other values.
 # precision changes what is computed; it enters the key only when it is not fp32, the behaviour
 # before the key existed, so existing run directories keep their names.
-GENERATOR_HOW = frozenset({"grad_accum", "activation_checkpointing"})
+GENERATOR_HOW = frozenset({"grad_accum", "activation_checkpointing", *HOW_KEYS})
 
 
 def _generator_slice(gen: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +85,8 @@ def _generator_slice(gen: dict[str, Any]) -> dict[str, Any]:
 
 def _strip_docs(obj: Any, parent: str | None = None) -> Any:
     if isinstance(obj, dict):
-        return {k: _strip_docs(v, k) for k, v in obj.items() if k not in DOC_KEYS and not _is_interval(k, parent)}
+        return {k: _strip_docs(v, k) for k, v in obj.items()
+                if k not in DOC_KEYS and k not in HOW_KEYS and not _is_interval(k, parent)}
     if isinstance(obj, list):
         return [_strip_docs(v) for v in obj]
     return obj

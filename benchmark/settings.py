@@ -190,6 +190,10 @@ class GeneratorSettings(Settings):
     # (torch.utils.checkpoint, non-reentrant) instead of storing them; same gradients, less memory,
     # about one more forward of compute. How, not what: not part of the stage key.
     activation_checkpointing: bool = False
+    # compile: torch.compile the DiT in place (nn.Module.compile: state_dict keys unchanged). Same
+    # computation with fused kernels, so results equal eager up to float rounding: how, not what,
+    # and not part of any stage key (benchmark/dag.py HOW_KEYS).
+    compile: bool = False
 
     def __post_init__(self) -> None:
         # Types are checked by from_dict; ranges here, so a bad value fails before any stage runs.
@@ -260,6 +264,7 @@ class EvalSettings(Settings):
     # shard_size (it is also the sampler's batch) but not on the number of ranks or batch_size.
     shard_size: int = 250
     save_npz: bool = False           # also write samples.npz (arr_0 uint8 NHWC RGB, ADM evaluator's format)
+    compile: bool = False            # torch.compile the sampling DiT in gen_eval (not in any stage key)
     domain: DomainSettings = field(default_factory=DomainSettings)
 
     def __post_init__(self) -> None:

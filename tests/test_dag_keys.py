@@ -143,19 +143,23 @@ def test_fid_ref_and_generator_keys_by_hand(tmp_path):
                             "kid": dom["kid_subset_size"]}}
     assert n["fid_ref"].slice == fid_slice
     assert n["fid_ref"].key == _sha_key("fid_ref", fid_slice, {"domain_detector": n["domain_detector"].key})
-    # generator.precision=fp32, grad_accum and activation_checkpointing stay out (dag.GENERATOR_HOW)
+    # generator.precision=fp32, grad_accum, activation_checkpointing and compile stay out (dag.GENERATOR_HOW)
     gen = {k: v for k, v in c["generator"].items() if k not in ("reproduces", "description", "epochs", "label",
-                                                                "precision", "grad_accum", "activation_checkpointing")}
+                                                                "precision", "grad_accum", "activation_checkpointing",
+                                                                "compile")}
     gen_slice = {"generator": gen, "seed": 0, "num_classes": 10}
     assert n["generator"].slice == gen_slice
     lc_slice = {"train_images": c["generator"]["train_images"], "seed": 0, "shard_size": 10000}
     assert n["latent_cache"].slice == lc_slice
     assert n["latent_cache"].key == _sha_key("latent_cache", lc_slice, {"tokenizer": n["tokenizer"].key})
     assert n["generator"].key == _sha_key("generator", gen_slice, {"latent_cache": n["latent_cache"].key})
-    strip = lambda d: {k: v for k, v in d.items() if k not in ("reproduces", "description", "epochs", "label")}  # noqa: E731
+    # documentation keys and the compile switches (how, not what: dag.HOW_KEYS) stay out
+    strip = lambda d: {k: v for k, v in d.items()  # noqa: E731
+                       if k not in ("reproduces", "description", "epochs", "label", "compile")}
     assert n["tokenizer"].slice == {"data": {"name": "fashion_mnist", "resolution": 32},
                                     "tokenizer": strip(c["tokenizer"]), "prior": {"name": "gaussian"},
-                                    "loss": {k: v for k, v in c["loss"].items() if k != "teacher_checkpoint_every"},
+                                    "loss": {k: v for k, v in c["loss"].items()
+                                             if k not in ("teacher_checkpoint_every", "compile")},
                                     "seed": 0}
     det = {"detector": ev["detector"], "extra_detectors": ev["extra_detectors"], "precision": ev["precision"]}
     boot = {"bootstrap": ev["bootstrap"]}

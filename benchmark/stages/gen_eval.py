@@ -103,6 +103,9 @@ def _sample(node: Node, ev: EvalSettings, info: distributed.DistInfo) -> tuple[s
     model = build_model(cfg)
     model.load_state_dict(load_torch(node.deps["generator"].dir / "ema.pt"))
     model.to(dev).eval()
+    if ev.compile:
+        # In place: the snapshots below load their weights into the same compiled module.
+        model.compile()
     draw = shards.ShardSampler(model, tok.to(dev), lnorm, ev.sampler, latent_shape(cfg), dev, ev.batch_size)
     ncls = DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes
     seed, n = int(cfg["seed"]), ev.n_samples

@@ -155,6 +155,10 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
             raise ValueError(f"generator.activation_checkpointing: generator {gc.model!r} "
                              f"({type(model).__name__}) has no grad_checkpointing switch; set it to false")
         model.grad_checkpointing = True
+    if gc.compile:
+        # In place and after the EMA copy (the shadow stays eager: it only averages weights), so
+        # state_dict keys, checkpoints and ema.pt are those of the plain module.
+        model.compile()
     # bf16 autocast on the device type (CPU or CUDA), the mixed precision DMVAE_METHOD.md names
     # for the DM stages; parameters, gradients and AdamW state stay fp32, and bf16 has fp32's
     # exponent range, so no loss scaler.
@@ -227,7 +231,7 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
             "generator_params": sum(p.numel() for p in model.parameters()),
             "generator_world_size": info.world_size, "generator_grad_accum": accum,
             "generator_precision": gc.precision,
-            "generator_activation_checkpointing": gc.activation_checkpointing}
+            "generator_activation_checkpointing": gc.activation_checkpointing, "generator_compile": gc.compile}
 
 
 def run(node: Node) -> dict:

@@ -89,6 +89,10 @@ def run(node: Node, info: DistInfo | None = None) -> dict:
     seed = int(loss_cfg.get("teacher_seed", 0))
     torch.manual_seed(seed + 101)
     net = build_score_net(cfg).train().to(device)
+    if loss_cfg.get("compile"):
+        # In place, before DDP wraps it: teacher.pt keeps the plain module's keys (loss.compile is
+        # not in any stage key: fused kernels change float rounding only, benchmark/dag.py).
+        net.compile()
     opt = adamw(net.parameters(), device, lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(100))
     steps, bs = int(loss_cfg["teacher_steps"]), int(loss_cfg["teacher_batch_size"])
@@ -125,7 +129,8 @@ def run(node: Node, info: DistInfo | None = None) -> dict:
         ckpt.remove()
     run_steps = steps if monitor is None or monitor.stopped_at is None else monitor.stopped_at
     out = {"teacher_final_fm_loss": sum(recent) / max(1, len(recent)), "teacher_steps_run": run_steps,
-           "teacher_steps_per_s": (run_steps - start) / max(elapsed, 1e-9)}
+           "teacher_steps_per_s": (run_steps - start) / max(elapsed, 1e-9),
+           "teacher_compile": bool(loss_cfg.get("compile", False))}
     if monitor is not None:
         if info.is_main:
             write_json(node.dir / "teacher_curve.json", {"step_heldout_fm": monitor.curve})

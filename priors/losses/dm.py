@@ -131,7 +131,8 @@ class DistributionMatching(MatchingLoss):
                  fake_betas: tuple[float, float] = (0.9, 0.95), fake_weight_decay: float = 0.005,
                  fake_warmup_steps: int | None = 0, fake_grad_clip: float | None = None,
                  score_net: str = "Tiny", score_net_args: dict | None = None,
-                 teacher_kind: str = "trained", fake_init: nn.Module | None = None) -> None:
+                 teacher_kind: str = "trained", fake_init: nn.Module | None = None,
+                 compile: bool = False) -> None:
         super().__init__(weight)
         t0, t1 = map(float, t_range)
         if not 0.0 <= t0 < t1 <= 1.0:
@@ -156,6 +157,12 @@ class DistributionMatching(MatchingLoss):
             self.fake = build_generator(score_net, input_size=h, in_channels=c,
                                         num_classes=num_classes, **(score_net_args or {}))
             self.fake_init = "random"
+        if compile:
+            # In place (nn.Module.compile), so state_dict keys, checkpoints and the teacher copy
+            # are the plain modules'; an exact teacher has no network to compile.
+            self.fake.compile()
+            if isinstance(self.teacher, nn.Module) and any(True for _ in self.teacher.parameters()):
+                self.teacher.compile()
         if fake_lr is None:
             raise ValueError("dm fake_lr is null (= the tokenizer's lr) but no tokenizer lr was given")
         self.fake_lr = float(fake_lr)

@@ -1,0 +1,60 @@
+"""torch.compile as an option per stage (issue #15): ``tokenizer.compile``, ``loss.compile``
+(teacher stage and the dm networks), ``generator.compile`` and ``eval.compile`` (gen_eval's
+sampling DiT).
+
+Compiled kernels fuse the same operations, so a compiled stage computes what the eager one does
+up to float rounding: the switches are kept out of every stage key (benchmark/dag.py HOW_KEYS),
+and a compiled teacher's weights are compared with the eager teacher's below.
+Measured on the 2-core machine (CPU, fp32, 12 teacher steps of batch 16 at lr 1e-2): worst
+relative weight difference COMPILE_MEASURED; bound COMPILE_TOL.
+"""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from benchmark import config, dag, run_stage
+from benchmark.store import read_json
+
+COMPILE_MEASURED = 5.3e-6
+COMPILE_TOL = 1e-4  # ~20x the measured difference
+SWITCHES = ["tokenizer.compile=true", "loss.compile=true", "generator.compile=true", "eval.compile=true"]
+TEACHER = ["loss.teacher_steps=12", "loss.teacher_batch_size=16", "loss.teacher_lr=0.01",
+           "loss.teacher_plateau.eval_every=3", "loss.teacher_plateau.patience=1",
+           "loss.teacher_plateau.min_rel_improvement=0.05", "loss.teacher_plateau.decays=1",
+           "loss.teacher_plateau.heldout=64"]
+
+
+def _keys(overrides: list[str]) -> dict[str, str]:
+    cells = config.load(["grid=single", *overrides])[1]
+    builder = dag.DagBuilder(cells[0].cfg["run_root"])
+    return {stage: node.key for stage, node in builder.add_cell(cells[0]).items()}
+
+
+def test_compile_switches_stay_out_of_every_stage_key(tiny_overrides):
+    plain = _keys(tiny_overrides)
+    assert {"teacher", "tokenizer", "generator", "gen_eval"} <= plain.keys()
+    assert _keys([*tiny_overrides, *SWITCHES]) == plain
+
+
+@pytest.mark.slow
+def test_compiled_teacher_matches_eager(tiny_overrides, tmp_path):
+    over = [o for o in tiny_overrides if not o.startswith("run_root")] + TEACHER
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert run_stage.main(["--stage", "reference", *over, f"run_root={a}"]) == 0
+    shutil.copytree(a / "stages", b / "stages")
+    assert run_stage.main(["--stage", "teacher", *over, f"run_root={a}"]) == 0
+    assert run_stage.main(["--stage", "teacher", *over, "loss.compile=true", f"run_root={b}"]) == 0
+    (da,), (db,) = a.glob("stages/teacher/*"), b.glob("stages/teacher/*")
+    assert da.name == db.name  # one stage key, whichever way it was computed
+    fa, fb = read_json(da / "record.json")["facts"], read_json(db / "record.json")["facts"]
+    assert (fa["teacher_compile"], fb["teacher_compile"]) == (False, True)
+    assert fa["teacher_steps_run"] == fb["teacher_steps_run"]
+    wa = torch.load(da / "teacher.pt", weights_only=True)
+    wb = torch.load(db / "teacher.pt", weights_only=True)
+    assert wa.keys() == wb.keys()  # plain module keys: no "_orig_mod." prefix
+    worst = max(float((wa[k] - wb[k]).abs().max() / wa[k].abs().max().clamp_min(1e-12)) for k in wa)
+    print("worst relative difference, compiled vs eager teacher:", worst)
+    assert worst <= COMPILE_TOL
