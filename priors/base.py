@@ -15,14 +15,18 @@ import torch
 
 @dataclass
 class FitContext:
-    """What a prior may need to fit itself: the dataset, a place to cache work, and the outputs
-    of the upstream stages it declared in ``upstream(cfg)`` (benchmark/upstream.py), by role."""
+    """What a prior may need to fit itself: the dataset, a place to cache work, the outputs of
+    the upstream stages it declared in ``upstream(cfg)`` (benchmark/upstream.py), by role, and
+    the processes and device it runs on."""
     dataset: Any = None            # benchmark.data.ImageSet (train split) or None
     out_dir: Any = None            # pathlib.Path of the reference stage's run directory
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)      # role -> that stage's output
     input_keys: dict[str, str] = field(default_factory=dict)  # role -> that stage's run key
+    # benchmark.distributed.DistInfo of the reference stage (rank, world size, device): a prior
+    # may compute on the device and split its work over the ranks. None: one process on the CPU.
+    dist: Any = None
 
 
 @runtime_checkable

@@ -17,6 +17,14 @@ this decoder, so each image starts at its own projected features (q = p_ref at t
 step, image by image) instead of a fresh encoder that could match the bank only in aggregate.
 With ``tokenizer.design: preset`` every prior gets the preset's conv encoder instead, pulled
 towards the bank by the matching loss (one architecture across priors; an ablation).
+
+Stage 1 runs on the reference stage's device and, under torchrun / srun tasks, data parallel
+(``FitContext.dist``; issue #15): step 1 is sharded over the ranks in fixed batches and
+all-gathered, so the features are bit-identical whatever the number of processes; step 2 keeps
+``stage1.batch_size`` as the global batch, each rank computing its slice with gradients averaged,
+so N processes train the weights one process trains up to the order of float sums
+(tests/test_reference_ddp.py); step 3 runs on every rank alike. One process computes exactly what
+the stage computed before it was data parallel.
 """
 from __future__ import annotations
 
@@ -106,21 +114,55 @@ class BankPrior:
 
 @torch.no_grad()
 def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 256,
-                     precision: str = "fp32") -> torch.Tensor:
-    """Backbone features of every image, on the latent grid: [N, D, grid, grid]."""
+                     precision: str = "fp32", info=None) -> torch.Tensor:
+    """Backbone features of every image, on the latent grid: [N, D, grid, grid], on ``info``'s
+    device (a benchmark.distributed.DistInfo; None: one process on the CPU), where the backbone
+    must already be.
+
+    The images go through in fixed batches of ``batch_size`` (batch k: images k*batch_size
+    onwards), whatever the number of processes: a kernel may round differently for another batch
+    size, and an image's features must not depend on how many ranks shared the work. With N
+    ranks, batch k is computed by rank k % N; round j (batches jN .. jN+N-1) is all-gathered,
+    so every rank ends with all the features, in image order. A rank with no batch left in the
+    last round sends zeros of the batch's shape (``backbone.out_dim`` channels), which are dropped."""
+    from benchmark.distributed import DistInfo
+    info = info or DistInfo()
     backbone.eval()
-    out = []
     dtype = torch.bfloat16 if precision == "bf16" else None
-    for i in range(0, len(images), batch_size):
-        x = images.float_batch(torch.arange(i, min(len(images), i + batch_size)))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype is not None):
+    n = len(images)
+
+    def batch(k: int) -> torch.Tensor:
+        x = images.float_batch(torch.arange(k * batch_size, min(n, (k + 1) * batch_size))).to(info.device)
+        with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype is not None):
             f = backbone(x).float()
         if f.shape[-1] != grid:
             if f.shape[-1] < grid:
                 raise ValueError(f"backbone grid {f.shape[-1]}x{f.shape[-1]} is coarser than the latent grid "
                                  f"{grid}x{grid}: raise the backbone's input_size")
             f = F.adaptive_avg_pool2d(f, grid)
-        out.append(f)
+        return f
+
+    n_batches = -(-n // batch_size)
+    if not info.distributed:
+        return torch.cat([batch(k) for k in range(n_batches)])
+    import torch.distributed as dist
+    world = info.world_size
+    dim = int(backbone.out_dim)
+    out = []
+    for first in range(0, n_batches, world):  # the same number of rounds, so of collectives, on every rank
+        k = first + info.rank
+        f = batch(k) if k < n_batches else torch.zeros(0, dim, grid, grid, device=info.device)
+        if tuple(f.shape[1:]) != (dim, grid, grid):
+            raise ValueError(f"backbone gave features of shape {tuple(f.shape[1:])}, expected its out_dim "
+                             f"{dim} on the {grid}x{grid} grid")
+        # all_gather needs one shape on every rank: the short last batch and the idle ranks pad.
+        padded = torch.zeros(batch_size, dim, grid, grid, device=info.device)
+        padded[:len(f)] = f
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
+        for r, part in enumerate(parts):
+            if first + r < n_batches:
+                out.append(part[:min(n, (first + r + 1) * batch_size) - (first + r) * batch_size])
     return torch.cat(out)
 
 
@@ -205,41 +247,53 @@ class FeaturePrior(BankPrior):
         return LatentNorm(float(self.stage1_model["latent_mean"]), float(self.stage1_model["latent_scale"]))
 
     def fit(self, ctx: FitContext) -> None:
+        """Stage 1 on ``ctx.dist``'s device, data parallel over its ranks (see ``extract_features``
+        and ``_train_stage1``); every rank ends with the same bank and stage-1 model. With one
+        process (``ctx.dist`` None or a world of 1) no collective runs and the computation is the
+        one of the stage before it was data parallel."""
         from benchmark.data import subset
+        from benchmark.distributed import DistInfo
+        info = ctx.dist or DistInfo()
+        device = info.device
         h = self.latent_shape[1]
         t0 = time.perf_counter()
-        backbone = self.build_backbone(ctx)
+        backbone = self.build_backbone(ctx).to(device)
         images = subset(ctx.dataset, self.n_images, seed=self.seed)
-        feats = extract_features(backbone, images, h, precision=self.precision)
+        feats = extract_features(backbone, images, h, precision=self.precision, info=info)
         t_feat = time.perf_counter() - t0
-        log.info("%s: %d feature grids %s in %.1f s (%s weights)", self.name, len(feats),
-                 tuple(feats.shape[1:]), t_feat, backbone.weights_source)
+        log.info("%s: %d feature grids %s in %.1f s (%s weights) on %s", self.name, len(feats),
+                 tuple(feats.shape[1:]), t_feat, backbone.weights_source, device)
+        weights_source = backbone.weights_source
+        # Random weights cannot be reloaded: keep them (below), else only the features are needed.
+        random_weights = ({k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+                          if weights_source == "random" else None)
+        del backbone
         # Per-channel standardisation of the raw features keeps the MLP's inputs O(1) whatever
         # the backbone's feature scale (ViT tokens after LayerNorm vs ReLU6 CNN maps).
         f_mean = feats.mean(dim=(0, 2, 3), keepdim=True)
         f_std = feats.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
         feats = (feats - f_mean) / f_std
-        proj, dec, rec = self._train_stage1(feats, images, ctx)
+        proj, dec, rec = self._train_stage1(feats, images, ctx, info)
         with torch.no_grad():
             z = torch.cat([proj(feats[i:i + 1024]) for i in range(0, len(feats), 1024)])
             mse = float(torch.cat([F.mse_loss((dec(z[i:i + 256]) + 1) * 0.5,
-                                              images.float_batch(torch.arange(i, min(len(z), i + 256))),
+                                              images.float_batch(torch.arange(i, min(len(z), i + 256))).to(device),
                                               reduction="none").flatten(1).mean(1)
                                    for i in range(0, len(z), 256)]).mean())
         mean, scale = float(z.mean()), float(z.std())
-        self._set_bank((z - mean) / scale, images.labels)
+        self._set_bank(((z - mean) / scale).cpu(), images.labels)
         overrides = {k: str(v) for k, v in self.overrides.items()}
         self.stage1_model = {
-            "proj": {k: v.detach().clone() for k, v in proj.state_dict().items()},
-            "decoder": {k: v.detach().clone() for k, v in dec.state_dict().items()},
-            "feature_mean": f_mean.flatten().clone(), "feature_std": f_std.flatten().clone(),
+            "proj": {k: v.detach().cpu().clone() for k, v in proj.state_dict().items()},
+            "decoder": {k: v.detach().cpu().clone() for k, v in dec.state_dict().items()},
+            "feature_mean": f_mean.flatten().cpu().clone(), "feature_std": f_std.flatten().cpu().clone(),
             "latent_mean": mean, "latent_scale": scale, "hidden": int(proj[0].out_channels),
             "feature_dim": int(feats.shape[1]), "backbone_overrides": overrides}
-        if backbone.weights_source == "random":
+        if random_weights is not None:
             # Nothing to reload random weights from: keep them, or a tokenizer rebuilt from this
             # stage-1 model would start from other features than the bank's.
-            self.stage1_model["backbone"] = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
-        self.info = {"backbone": self.backbone_cfg["name"], "backbone_weights": backbone.weights_source,
+            self.stage1_model["backbone"] = random_weights
+        self.info = {"backbone": self.backbone_cfg["name"], "backbone_weights": weights_source,
                      "backbone_dim": int(feats.shape[1]), "stage1_iters": int(self.stage1["iters"]),
                      "stage1_final_loss": rec,
                      "stage1_train_psnr": -10 * math.log10(max(mse, 1e-12)),
@@ -247,43 +301,70 @@ class FeaturePrior(BankPrior):
                      "reference_bank_size": int(len(self.bank)), "feature_seconds": t_feat,
                      "stage1_seconds": time.perf_counter() - t0 - t_feat, "reference_precision": self.precision}
 
-    def _train_stage1(self, feats: torch.Tensor, images, ctx: FitContext) -> tuple[nn.Module, nn.Module, float]:
+    def _train_stage1(self, feats: torch.Tensor, images, ctx: FitContext,
+                      info=None) -> tuple[nn.Module, nn.Module, float]:
         """Train the bottleneck MLP and the decoder on the standardised ``feats``; returns them and
         the last loss. Checkpoints every ``stage1.checkpoint_every`` steps in ``ctx.out_dir``
         (model, optimiser, data and torch RNG, step), so a killed reference stage resumes exactly.
         The features are recomputed on resume rather than cached: extraction is deterministic
-        (frozen backbone in eval mode, seeded image subset), a cache would be ~130 MB per
-        reference at 4,096 images, and the checkpoint keeps their SHA-256, so a resume on
-        features that differ (another thread count or machine) starts over instead of mixing."""
+        (frozen backbone in eval mode, seeded image subset, fixed batches whatever the number of
+        ranks), a cache would be ~130 MB per reference at 4,096 images, and the checkpoint keeps
+        their SHA-256, so a resume on features that differ (another thread count, device or
+        machine) starts over instead of mixing.
+
+        Data parallel as the teacher stage (``info``, a benchmark.distributed.DistInfo, with a
+        world of N > 1): ``stage1.batch_size`` stays the global batch; every rank draws the whole
+        batch's indices from the shared generator, as one process does, and computes the loss of
+        its slice (rank r: rows r*B/N onwards); DistributedDataParallel averages the gradients,
+        so every rank takes the same step, the one of one process up to the order of float sums.
+        Rank 0 alone writes the checkpoints, every rank reads them on resume."""
+        from torch.nn.parallel import DistributedDataParallel
+        from benchmark.accel import adamw
+        from benchmark.distributed import DistInfo
         from benchmark.training import Checkpoint, train_steps
         from tokenizers import bottleneck_mlp, build_decoder
+        info = info or DistInfo()
+        device = info.device
         s1, c, d = self.stage1, self.latent_shape[0], feats.shape[1]
+        bs = int(s1["batch_size"])
+        if bs % info.world_size:
+            raise ValueError(f"prior.stage1.batch_size={bs} is the global batch and must divide evenly over "
+                             f"{info.world_size} processes; use a multiple of {info.world_size}")
         hidden = int(s1["hidden"]) or 2 * d
         g = torch.Generator().manual_seed(self.seed + 11)
         torch.manual_seed(self.seed + 11)
         proj = bottleneck_mlp(d, hidden, c)
         dec = build_decoder(s1["decoder"], c, images.channels)
-        model = nn.Sequential(proj, dec)  # one module for the loop; same parameter order as before
-        opt = torch.optim.AdamW(model.parameters(), lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
-        bs = int(s1["batch_size"])
+        # One module for the loop; same parameter order as before. Built on the CPU from the
+        # seeded RNG, then moved: every device and every rank starts from the same weights.
+        model = nn.Sequential(proj, dec).to(device)
+        opt = adamw(model.parameters(), device, lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
+        net = model
+        if info.distributed:
+            net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        per_rank = bs // info.world_size
+        mine = slice(info.rank * per_rank, (info.rank + 1) * per_rank)
         # No run directory (a prior fitted outside the grid): nothing to resume, no checkpoint.
         ckpt = Checkpoint(None if ctx.out_dir is None else Path(ctx.out_dir) / "stage1_ckpt.pt",
                           int(s1["checkpoint_every"]))
 
         def loss_at(step: int) -> torch.Tensor:
-            idx = torch.randint(len(images), (bs,), generator=g)
-            x = images.float_batch(idx)
+            # The whole global batch is drawn on every rank (the generator's stream stays the one
+            # process's), then this rank's slice is loaded and computed.
+            idx = torch.randint(len(images), (bs,), generator=g)[mine]
+            x = images.float_batch(idx).to(device)
             # bf16 autocast (when asked) for the decoder's convs, ~2x faster on this CPU.
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-                x_rec = (dec(proj(feats[idx])).float() + 1.0) * 0.5
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+                x_rec = (net(feats[idx.to(feats.device)]).float() + 1.0) * 0.5
             return (x_rec - x).abs().mean() + F.mse_loss(x_rec, x)
 
         _, recent, _ = train_steps(f"reference/{self.name} stage 1", model, opt, None, g, ckpt,
                                    int(s1["iters"]), loss_at, window=1,
-                                   extra_state={"features_sha256": _sha256(feats)})
-        ckpt.remove()
+                                   extra_state={"features_sha256": _sha256(feats)}, info=info)
+        if info.is_main:
+            ckpt.remove()
         return proj, dec, recent[-1] if recent else float("nan")
 
 
 def _sha256(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.detach().contiguous().numpy().tobytes()).hexdigest()
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
