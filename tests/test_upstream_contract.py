@@ -45,8 +45,9 @@ def test_builtin_stage_kinds_are_registered_with_their_versions():
     assert {n: k.version for n, k in kinds.items()} == {"domain_detector": 1, "fid_ref": 1, "ssl_backbone": 1, "reference": 3,
                                                        "teacher": 3, "tokenizer": 2, "recon_eval": 1,
                                                        "latent_cache": 1, "generator": 3, "gen_eval": 2}
-    assert {n for n, k in kinds.items() if k.distributed} == {"tokenizer", "teacher", "ssl_backbone", "reference", "latent_cache", "generator",
-                                                              "gen_eval"}
+    assert {n for n, k in kinds.items() if k.distributed} == {
+        "tokenizer", "teacher", "ssl_backbone", "reference", "fid_ref", "recon_eval", "latent_cache", "generator",
+        "gen_eval"}
     assert all(k.module == f"benchmark.stages.{n}" for n, k in kinds.items())
     with pytest.raises(RegistryError, match="unknown stage 'nope'.*dmvae_bench.stages"):
         upstream.STAGES.get("nope")

@@ -35,6 +35,14 @@ class FeatureStream:
         for name, det in self.detectors.items():
             self.parts[name].append(det.features(images, batch_size=self.batch_size))
 
+    def add_features(self, feats: dict[str, dict[str, torch.Tensor | None]]) -> None:
+        """One batch's features, already computed (``batch_features``, possibly on another rank
+        and gathered): what ``add`` would have appended for the same images."""
+        if feats.keys() != self.parts.keys():
+            raise ValueError(f"features of {sorted(feats)} given to a stream of {sorted(self.parts)}")
+        for name, f in feats.items():
+            self.parts[name].append(f)
+
     def result(self, name: str) -> dict[str, torch.Tensor | None]:
         parts = self.parts[name]
         if not parts:
@@ -52,3 +60,10 @@ def set_features(detectors: dict[str, Detector], images: Any, batch_size: int,
     for idx in index_batches(len(images), batch_size):
         stream.add(images.uint8_batch(idx).to(device))
     return {name: stream.result(name) for name in detectors}
+
+
+def batch_features(detectors: dict[str, Detector], images: torch.Tensor,
+                   batch_size: int) -> dict[str, dict[str, torch.Tensor | None]]:
+    """Every detector's features of one batch (CPU, float64), as ``FeatureStream.add`` computes
+    them: for a rank that scores its batches and hands them to rank 0's stream."""
+    return {name: det.features(images, batch_size=batch_size) for name, det in detectors.items()}
