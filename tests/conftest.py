@@ -22,6 +22,9 @@ TINY = [
     "eval.bootstrap=10", "eval.domain.n_samples=30", "eval.domain.n_ref=20", "eval.domain.snapshot_n_samples=10",
     "eval.domain.kid_subset_size=10", "eval.domain.width=4", "eval.domain.feature_dim=16", "eval.domain.steps=4",
     "eval.domain.batch_size=16", "eval.domain.checkpoint_every=2",
+    # Eager everywhere: the grid presets compile the DiTs (a cold compile costs ~40 s a graph on
+    # this CPU); tests/test_compile_option.py tests the switches themselves.
+    "generator.compile=false", "eval.compile=false", "tokenizer.compile=false", "?loss.compile=false",
     "++generator.model_args.hidden_size=32", "++generator.model_args.depth=1", "++generator.model_args.num_heads=2",
     # Sizes of plug-ins only some cells have (`?key=value` sets a key only where it exists): the
     # dm loss's score networks and teacher, feature priors' bank, stage 1 and offline MAE (also
