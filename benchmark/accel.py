@@ -29,3 +29,15 @@ def adamw(params: Iterable[torch.nn.Parameter], device: torch.device | str | Non
     if dev is not None and dev.type == "cuda":
         kwargs.setdefault("fused", True)
     return torch.optim.AdamW(params, **kwargs)
+
+
+def compile_in_place(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile ``module`` in place (``nn.Module.compile``): its state_dict keys stay the
+    plain module's, so checkpoints and weight files load into eager modules.
+
+    Static shapes (``dynamic=False``): a training loop has one batch shape per call site, and a
+    new shape is a recompilation, not a switch to symbolic shapes. With automatic dynamic shapes,
+    the second batch size a DiT saw (the dm fake: 64-row updates, then its guided forwards) made
+    dynamo trace ``torch.rand(<symbolic batch>)`` in the label dropout, which it cannot run."""
+    module.compile(dynamic=False)
+    return module

@@ -32,6 +32,7 @@ import resource
 import torch
 
 from benchmark import distributed
+from benchmark.accel import compile_in_place
 from benchmark.dag import Node, latent_shape
 from benchmark.metrics import Detector, build_detector, feature_statistics, frechet_distance, load_npz_statistics
 from benchmark.metrics.columns import fd, fd_interval_columns, named_fds, space_columns
@@ -105,7 +106,7 @@ def _sample(node: Node, ev: EvalSettings, info: distributed.DistInfo) -> tuple[s
     model.to(dev).eval()
     if ev.compile:
         # In place: the snapshots below load their weights into the same compiled module.
-        model.compile()
+        compile_in_place(model)
     draw = shards.ShardSampler(model, tok.to(dev), lnorm, ev.sampler, latent_shape(cfg), dev, ev.batch_size)
     ncls = DatasetSettings.from_dict(cfg["dataset"], "dataset").num_classes
     seed, n = int(cfg["seed"]), ev.n_samples

@@ -41,7 +41,7 @@ from benchmark.distributed import DistInfo
 from benchmark.settings import DatasetSettings, GeneratorSettings
 from benchmark.stages.latent_cache import LatentCache
 from benchmark.store import save_torch, stable_hash
-from benchmark.accel import adamw
+from benchmark.accel import adamw, compile_in_place
 from benchmark.monitor import TrainMonitor
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from generators import EMA, build_generator, interpolate, sample_t, velocity_target
@@ -158,7 +158,7 @@ def train(cfg: dict, z_all: torch.Tensor | LatentCache, y_all: torch.Tensor, out
     if gc.compile:
         # In place and after the EMA copy (the shadow stays eager: it only averages weights), so
         # state_dict keys, checkpoints and ema.pt are those of the plain module.
-        model.compile()
+        compile_in_place(model)
     # bf16 autocast on the device type (CPU or CUDA), the mixed precision DMVAE_METHOD.md names
     # for the DM stages; parameters, gradients and AdamW state stay fp32, and bf16 has fp32's
     # exponent range, so no loss scaler.

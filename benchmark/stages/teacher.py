@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmark import distributed
-from benchmark.accel import adamw
+from benchmark.accel import adamw, compile_in_place
 from benchmark.dag import Node
 from benchmark.stages.common import build_score_net, load_prior
 from benchmark.store import load_torch, save_torch, write_json
@@ -92,7 +92,7 @@ def run(node: Node, info: DistInfo | None = None) -> dict:
     if loss_cfg.get("compile"):
         # In place, before DDP wraps it: teacher.pt keeps the plain module's keys (loss.compile is
         # not in any stage key: fused kernels change float rounding only, benchmark/dag.py).
-        net.compile()
+        compile_in_place(net)
     opt = adamw(net.parameters(), device, lr=float(loss_cfg["teacher_lr"]), betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_lambda(100))
     steps, bs = int(loss_cfg["teacher_steps"]), int(loss_cfg["teacher_batch_size"])

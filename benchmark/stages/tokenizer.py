@@ -38,7 +38,7 @@ from benchmark.stages.common import ARCH_FILE, build_tokenizer_for, dataset, loa
 from benchmark.data import subset
 from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
-from benchmark.accel import adamw
+from benchmark.accel import adamw, compile_in_place
 from benchmark.monitor import TrainMonitor
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from priors import LOSSES
@@ -420,7 +420,7 @@ def run(node: Node) -> dict:
     start = t.resume()
     # Compiled in place (nn.Module.compile): state_dict keys stay those of the plain modules.
     if t.tc.compile:
-        t.tok.encoder.compile(); t.tok.decoder.compile()
+        compile_in_place(t.tok.encoder); compile_in_place(t.tok.decoder)
     t0 = time.perf_counter()
     bar = progress(t.total, "tokenizer", start) if t.info.is_main else tqdm(disable=True)
     mon = TrainMonitor("tokenizer", node.dir, t.total, start, unit="img", is_main=t.info.is_main)

@@ -15,6 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from benchmark.accel import compile_in_place
 from generators import build_generator, flow_matching_loss, guided_velocity, sample_t
 from generators import interpolate, velocity_target, velocity_to_x1
 from priors.base import ExactTeacher
@@ -160,9 +161,9 @@ class DistributionMatching(MatchingLoss):
         if compile:
             # In place (nn.Module.compile), so state_dict keys, checkpoints and the teacher copy
             # are the plain modules'; an exact teacher has no network to compile.
-            self.fake.compile()
+            compile_in_place(self.fake)
             if isinstance(self.teacher, nn.Module) and any(True for _ in self.teacher.parameters()):
-                self.teacher.compile()
+                compile_in_place(self.teacher)
         if fake_lr is None:
             raise ValueError("dm fake_lr is null (= the tokenizer's lr) but no tokenizer lr was given")
         self.fake_lr = float(fake_lr)
