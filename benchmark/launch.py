@@ -161,11 +161,11 @@ def run_local(order: list[Node], workers: int = 1, threads_per_worker: int | Non
     return status
 
 
-# Rough relative cost of each stage kind at the CPU presets (measured wall times, in minutes);
-# only their order matters for scheduling. latent_cache: 20,000 images and their flips through the
-# cpu-tiny encoder, 50 s on one thread of the shared 2-core machine.
-STAGE_COST = {"domain_detector": 4.5, "fid_ref": 1.0, "ssl_backbone": 1.2, "reference": 0.8, "teacher": 8.0,
-              "tokenizer": 3.0, "recon_eval": 1.5, "latent_cache": 0.8, "generator": 2.0, "gen_eval": 3.0}
+# Rough relative cost of each stage kind at the CPU presets, in minutes of one thread: the stage
+# times of the default sweep with compiled DiTs (README, "Two commands"); only their order matters
+# for scheduling. latent_cache: 20,000 images and their flips through the cpu-tiny encoder.
+STAGE_COST = {"domain_detector": 4.0, "fid_ref": 1.1, "ssl_backbone": 0.9, "reference": 0.4, "teacher": 5.0,
+              "tokenizer": 3.5, "recon_eval": 1.3, "latent_cache": 0.8, "generator": 1.0, "gen_eval": 2.1}
 
 
 def critical_path(nodes: list[Node]) -> dict[str, float]:
