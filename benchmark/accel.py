@@ -3,6 +3,7 @@
 - TF32 matmuls and convolutions (fp32 work on tensor cores; the DMVAE release's train scripts
   turn it on, ``--tf32``), and cuDNN's autotuner for the fixed shapes of a training loop.
 - Fused AdamW (one kernel for the whole parameter update instead of a loop over tensors).
+- channels_last (NHWC) for the tokenizer's conv networks and the PatchGAN (``channels_last``).
 bf16 autocast is each stage's own (its ``precision`` setting); torch.compile is per stage too
 (``tokenizer.compile``, ``loss.compile`` for the teacher stage and the dm networks,
 ``generator.compile``, ``eval.compile`` for gen_eval's sampler), kept out of every stage key.
@@ -40,4 +41,16 @@ def compile_in_place(module: torch.nn.Module) -> torch.nn.Module:
     the second batch size a DiT saw (the dm fake: 64-row updates, then its guided forwards) made
     dynamo trace ``torch.rand(<symbolic batch>)`` in the label dropout, which it cannot run."""
     module.compile(dynamic=False)
+    return module
+
+
+def channels_last(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """On CUDA, the NHWC layout for a convolutional network's weights (and so its activations:
+    cuDNN follows the weights' layout), which its tensor-core convolutions use under bf16
+    autocast without transposing every call (PyTorch's channels_last tutorial; the paper-scale
+    tokenizer is a conv decoder and a PatchGAN). On the CPU nothing changes: the CPU presets'
+    results and their bit-exact tests keep NCHW (the MobileNetV2 backbone converts itself, where
+    the CPU gain was measured: README "torch.compile, per stage"). In place; returns ``module``."""
+    if device.type == "cuda":
+        module.to(memory_format=torch.channels_last)
     return module

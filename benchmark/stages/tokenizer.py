@@ -38,7 +38,7 @@ from benchmark.stages.common import ARCH_FILE, build_tokenizer_for, dataset, loa
 from benchmark.data import subset
 from benchmark.settings import DatasetSettings, Precision, TokenizerSettings
 from benchmark.store import save_torch, stable_hash, write_json
-from benchmark.accel import adamw, compile_in_place
+from benchmark.accel import adamw, channels_last, compile_in_place
 from benchmark.monitor import TrainMonitor
 from benchmark.training import Checkpoint, check_finite, progress, warmup_lambda
 from priors import LOSSES
@@ -139,6 +139,7 @@ class TokenizerTraining:
             self.tok.load_state_dict({**self.tok.state_dict(), **self.prior.stage1_weights()})
             self.tok = self.tok.train().to(device)
             self.prior_norm = self.prior.stage1_norm()
+        channels_last(self.tok, device)
         self.match = build_matching_loss(node, self.prior).to(device)  # moves dm's fake/teacher, discriminators
         self.p_weight = tc.perceptual_weight
         if self.p_weight > 0 and tc.perceptual is None:
@@ -147,6 +148,8 @@ class TokenizerTraining:
         gcfg = dict(tc.gan or {})
         channels = DatasetSettings.from_dict(cfg["dataset"], "dataset").channels
         self.gan = PatchGAN(channels, **gcfg).to(device) if float(gcfg.get("weight", 0)) > 0 else None
+        if self.gan is not None:
+            channels_last(self.gan.disc, device)
         self.opt = adamw(self.tok.parameters(), self.device, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
         # With the stage-1 start the reference stage's stage 1 was the warm-up.
         self.w_it = 0 if self.arch is not None else tc.warmup_iters
