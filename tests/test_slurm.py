@@ -370,7 +370,7 @@ def test_profile_then_command_line_wins():
 
 @pytest.mark.parametrize("over, message", [
     (["launcher.profile=nope"], "Known profiles: gpu-cluster, local"),
-    (["launcher.stages.domain_detector.tasks_per_node=2"], "the stages that run data-parallel are"),
+    (["launcher.stages.aggregate.tasks_per_node=2"], "the stages that run data-parallel are"),
     (["launcher.mem_gb=0"], "mem_gb"),
     (["+launcher.stages.decoder.mem_gb=1"], "unknown stage"),
 ])

@@ -46,8 +46,8 @@ def test_builtin_stage_kinds_are_registered_with_their_versions():
                                                        "teacher": 3, "tokenizer": 2, "recon_eval": 1,
                                                        "latent_cache": 1, "generator": 3, "gen_eval": 2}
     assert {n for n, k in kinds.items() if k.distributed} == {
-        "tokenizer", "teacher", "ssl_backbone", "reference", "fid_ref", "recon_eval", "latent_cache", "generator",
-        "gen_eval"}
+        "domain_detector", "tokenizer", "teacher", "ssl_backbone", "reference", "fid_ref", "recon_eval",
+        "latent_cache", "generator", "gen_eval"}
     assert all(k.module == f"benchmark.stages.{n}" for n, k in kinds.items())
     with pytest.raises(RegistryError, match="unknown stage 'nope'.*dmvae_bench.stages"):
         upstream.STAGES.get("nope")

@@ -27,7 +27,8 @@ from benchmark.upstream import STAGES, register_stage
 # teacher data parallel (issue #15): one process draws and computes exactly as before, so version 3 stays.
 # ssl_backbone, reference, fid_ref and recon_eval data parallel (issue #15): likewise bit-identical in one
 # process, so their versions stay.
-BUILTIN = (("domain_detector", 1, False),
+# domain_detector data parallel (issue #15): one process draws and computes exactly as before, so version 1 stays.
+BUILTIN = (("domain_detector", 1, True),
            ("fid_ref", 1, True), ("ssl_backbone", 1, True), ("reference", 3, True), ("teacher", 3, True),
            ("tokenizer", 2, True), ("recon_eval", 1, True), ("latent_cache", 1, True), ("generator", 3, True),
            # gen_eval 2: sharded over ranks (eval.shard_size), each shard seeded by (seed, shard index),
