@@ -26,7 +26,7 @@ def test_plan_lists_every_stage_and_runs_nothing(tmp_path, capsys):
     _, cells, order, _, _ = grid.prepare([f"run_root={tmp_path}"])
     assert [r["key"] for r in p["stages"]] == [n.key for n in order]
     assert not (tmp_path / "stages").exists()  # nothing ran
-    # Every stage shared by all four cells says so; the tokenizers belong to one cell each.
+    # Every stage shared by all the cells says so; the tokenizers belong to one cell each.
     by_stage = {r["stage"]: r for r in p["stages"]}
     assert by_stage["fid_ref"]["status"] == f"to run, shared by {len(cells)} cells"
     assert math.isfinite(p["total_gpu_hours"]) and p["total_gpu_hours"] > 0
