@@ -229,6 +229,7 @@ class DomainSettings(Settings):
     precision: Precision = "bf16"    # training autocast: 1,240 vs 550 img/s in fp32 (1 thread, reference CPU)
     seed: int = 0
     checkpoint_every: int = 200      # how often, not what: not part of any key
+    compile: bool = False            # torch.compile the classifier in place: how, not what (in no key)
 
     def __post_init__(self) -> None:
         # Types are checked by from_dict; ranges here, so a bad value fails before any stage runs.

@@ -170,6 +170,7 @@ def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 2
 # (benchmark/plugin_keys.py refuses others).
 STAGE1_DEFAULTS: dict[str, Any] = {
     "iters": 300, "batch_size": 64, "lr": 1e-3, "hidden": 0, "checkpoint_every": 100,
+    "compile": False,  # torch.compile the MLP and decoder (how, not what: in no stage key)
     "decoder": {"name": "conv", "ch": 16, "mult": [1, 2, 2], "num_res_blocks": 1}}
 
 
@@ -338,6 +339,9 @@ class FeaturePrior(BankPrior):
         # One module for the loop; same parameter order as before. Built on the CPU from the
         # seeded RNG, then moved: every device and every rank starts from the same weights.
         model = nn.Sequential(proj, dec).to(device)
+        if s1.get("compile"):
+            from benchmark.accel import compile_in_place
+            compile_in_place(proj); compile_in_place(dec)
         opt = adamw(model.parameters(), device, lr=float(s1["lr"]), betas=(0.9, 0.95), weight_decay=0.005)
         net = model
         if info.distributed:

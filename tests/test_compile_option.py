@@ -20,7 +20,8 @@ from benchmark.store import read_json
 
 COMPILE_MEASURED = 5.3e-6
 COMPILE_TOL = 1e-4  # ~20x the measured difference
-SWITCHES = ["tokenizer.compile=true", "loss.compile=true", "generator.compile=true", "eval.compile=true"]
+SWITCHES = ["tokenizer.compile=true", "loss.compile=true", "generator.compile=true", "eval.compile=true",
+            "eval.domain.compile=true", "?prior.stage1.compile=true", "?prior.backbone.train.compile=true"]
 TEACHER = ["loss.teacher_steps=12", "loss.teacher_batch_size=16", "loss.teacher_lr=0.01",
            "loss.teacher_plateau.eval_every=3", "loss.teacher_plateau.patience=1",
            "loss.teacher_plateau.min_rel_improvement=0.05", "loss.teacher_plateau.decays=1",
@@ -33,10 +34,12 @@ def _keys(overrides: list[str]) -> dict[str, str]:
     return {stage: node.key for stage, node in builder.add_cell(cells[0]).items()}
 
 
-def test_compile_switches_stay_out_of_every_stage_key(tiny_overrides):
-    plain = _keys(tiny_overrides)
-    assert {"teacher", "tokenizer", "generator", "gen_eval"} <= plain.keys()
-    assert _keys([*tiny_overrides, *SWITCHES]) == plain
+@pytest.mark.parametrize("prior", ["gaussian", "offline-ssl"])
+def test_compile_switches_stay_out_of_every_stage_key(tiny_overrides, prior):
+    plain = _keys([*tiny_overrides, f"prior={prior}"])
+    assert {"domain_detector", "teacher", "tokenizer", "generator", "gen_eval"} <= plain.keys()
+    assert prior == "gaussian" or "ssl_backbone" in plain
+    assert _keys([*tiny_overrides, f"prior={prior}", *SWITCHES]) == plain
 
 
 @pytest.mark.slow
@@ -79,3 +82,21 @@ def test_compiled_dm_tokenizer_and_sampler_run(tiny_overrides, tmp_path):
     assert facts["dm_fake_init"] == "pretrained" and facts["tokenizer_iters"] == 20
     (ge,) = tmp_path.glob("stages/gen_eval/*")
     assert read_json(ge / "record.json")["facts"]["gfid"] > 0
+
+
+@pytest.mark.slow
+def test_every_other_stage_runs_compiled(tiny_overrides, tmp_path):
+    """The remaining switches: the offline MAE (prior.backbone.train.compile), stage 1 of a
+    feature prior (prior.stage1.compile), the domain detector (eval.domain.compile) and the
+    tokenizer where later stages load it (tokenizer.compile: latent cache, recon_eval)."""
+    over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
+        "prior=offline-ssl", "loss=kl", "tokenizer.design=preset", f"run_root={tmp_path}", "eval.domain.compile=true",
+        "prior.stage1.compile=true", "prior.backbone.train.compile=true", "tokenizer.compile=true"]
+    for stage in ("domain_detector", "fid_ref", "ssl_backbone", "reference", "tokenizer", "latent_cache",
+                  "recon_eval"):
+        assert run_stage.main(["--stage", stage, *over]) == 0, stage
+    (rec,) = tmp_path.glob("stages/recon_eval/*")
+    assert read_json(rec / "record.json")["facts"]["psnr"] > 5
+    (dd,) = tmp_path.glob("stages/domain_detector/*")
+    state = torch.load(dd / "domain_net.pt", weights_only=True)
+    assert not any("_orig_mod" in k for k in state)  # plain keys: loads into an eager net

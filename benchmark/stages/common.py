@@ -143,6 +143,11 @@ def load_tokenizer(tok_node: Node):
     arch_file = tok_node.dir / ARCH_FILE
     tok = build_tokenizer_for(tok_node.cfg, read_json(arch_file) if arch_file.exists() else None)
     tok.load_state_dict(load_torch(tok_node.dir / "tokenizer.pt"))
+    if tok_node.cfg["tokenizer"].get("compile"):
+        # tokenizer.compile holds wherever the tokenizer runs: the latent cache, recon_eval,
+        # gen_eval's decoder and difftraj's reference, as in its own stage.
+        from benchmark.accel import compile_in_place
+        compile_in_place(tok.encoder); compile_in_place(tok.decoder)
     return tok.eval().requires_grad_(False), LatentNorm.load(tok_node.dir / "latent_norm.json")
 
 

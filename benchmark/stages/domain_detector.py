@@ -41,6 +41,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmark import distributed
+from benchmark.accel import compile_in_place
 from benchmark.dag import Node
 from benchmark.data import ImageSet
 from benchmark.distributed import DistInfo
@@ -253,6 +254,8 @@ def run(node: Node, info: DistInfo | None = None) -> dict:
     torch.manual_seed(ds.seed)
     net = DomainNet(train.channels, train.num_classes, ds.width, side, ds.feature_dim).to(device)
     net = net.to(memory_format=torch.channels_last).train()
+    if ds.compile:
+        compile_in_place(net)  # in place: domain_net.pt keeps the plain keys; in no stage key
     model: nn.Module = net
     if info.distributed:
         # Before the optimiser is built (it keeps the same parameter tensors either way). Each
