@@ -63,8 +63,8 @@ def test_default_grid_bank_size():
     cells = yaml.safe_load((CONF / "grid" / "default.yaml").read_text())["cells"]
     banks = {o.split("=", 1)[1] for cell in cells for o in cell if o.startswith("prior.n_images=")}
     assert banks == {"2048"}
-    assert _quoted(r"MobileNetV2: ([\d,]+)\s+feature grids and ([\d,]+) stage-1 steps") == \
-        (2048, _cfg("prior=mobilenet")["prior"]["stage1"]["iters"])
+    # the grid's own comment says so too (the MobileNetV2 cell that also quoted it left the default)
+    assert re.search(r"A reference bank of 2,048 images", (CONF / "grid" / "default.yaml").read_text())
 
 
 def test_tokenizer_presets():
