@@ -2,22 +2,17 @@
 exact resume, and two torchrun processes against one process with the same global batch."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch, strip_launch_env
 from benchmark import config, distributed, run_stage
 from benchmark.distributed import DistInfo, first_host, launch_env
 from benchmark.stages import generator
 from benchmark.store import read_json
 from benchmark.training import Checkpoint
-
-ROOT = Path(__file__).resolve().parent.parent
 
 # Two processes vs one on the 2-core reference machine (gloo, fp32, 8 steps, lr 1e-3): the
 # largest difference was 7.4e-7 of a tensor's largest entry (6e-8 absolute), from the order of
@@ -28,8 +23,6 @@ REL_TOL = 1e-5
 # ema_decay=0 makes ema.pt the raw weights (every step's update undamped in the comparison); a
 # short warm-up lets the weights move; label dropout 0.5 makes the shared dropout mask matter.
 EXACT = ["generator.ema_decay=0", "generator.lr_warmup_steps=1", "generator.label_dropout=0.5"]
-
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class Killed(BaseException):
@@ -59,12 +52,6 @@ def _latents(cfg: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, *latent_shape(cfg), generator=g), torch.randint(10, (n,), generator=g)
 
 
-def _clean_launch_env(monkeypatch) -> None:
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
-
-
 def _worst_relative_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12)) for k in a)
@@ -87,7 +74,7 @@ def test_launch_env_reads_torchrun_then_slurm():
 
 
 def test_world_size_one_never_initialises_a_process_group(tiny_overrides, tmp_path, monkeypatch):
-    _clean_launch_env(monkeypatch)
+    strip_launch_env(monkeypatch)
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():  # torchrun --nproc_per_node=1
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(torch.distributed, "init_process_group", _forbidden)
@@ -128,13 +115,7 @@ def test_generator_resume_after_a_kill_is_exact(tiny_overrides, tmp_path, monkey
 
 
 def _torchrun(over: list[str]) -> str:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "benchmark.run_stage", "--stage", "generator", *over]
-    proc = subprocess.run(cmd,
-                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = launch("-m", "benchmark.run_stage", "--stage", "generator", *over)
     return proc.stdout + proc.stderr
 
 
@@ -142,7 +123,7 @@ def _torchrun(over: list[str]) -> str:
 def test_two_torchrun_processes_match_one_process(tiny_overrides, tmp_path, monkeypatch):
     """Through the CLI: 1 process (A) vs 2 processes from scratch (B) vs 2 processes resuming a
     one-process run killed after its step-4 checkpoint (C), same global batch of 16."""
-    _clean_launch_env(monkeypatch)
+    strip_launch_env(monkeypatch)
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + EXACT
     a, b, c = (tmp_path / n for n in "abc")
     for stage in ("reference", "teacher", "tokenizer", "latent_cache"):  # teacher: the dm fake's start

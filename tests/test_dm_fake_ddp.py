@@ -14,21 +14,18 @@ Run as a script under torchrun, this file is the worker (one per rank).
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch
 from generators import build_generator, flow_matching_loss
 from priors.losses.dm import DistributionMatching
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 BATCH, SHAPE, CLASSES, STEPS, RESUME_AT = 32, (4, 8, 8), 10, 8, 4
 # Measured on the 2-core machine (fp32, 8 steps of AdamW at lr 1e-3, clip 1.0, warm-up 2), 2
 # processes vs 1: the fake's velocities on fixed inputs differ by 2.2e-7 relative (max |diff| /
@@ -153,12 +150,7 @@ def test_rows_without_process_group_is_an_error():
 
 @pytest.mark.slow  # ~25 s on the 2-core machine (torchrun start-up, 3 x 8 steps per rank)
 def test_two_processes_match_one_process(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).resolve()), str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch(str(Path(__file__).resolve()), str(tmp_path))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     # Every rank holds exactly what rank 0 checkpoints: weights, AdamW moments, scheduler.
     assert _identical(r0["full"], r1["full"])

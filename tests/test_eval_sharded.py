@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch
 from benchmark import config, dag
 from benchmark.launch import run_node
 from benchmark.metrics import build_detector, generation_metrics, psnr, ssim
@@ -32,7 +31,6 @@ from benchmark.stages.common import (balanced_train_images, detector_features, d
                                      features_file, image_grid, load_tokenizer)
 from benchmark.store import load_torch, read_json
 from conftest import TINY
-from test_gen_eval_sharded import ROOT, _clean_env
 
 OVER = [*TINY, "loss=none", "eval.batch_size=8"]
 STAGES = ("fid_ref", "recon_eval")
@@ -94,18 +92,11 @@ def one_process(upstream, tmp_path_factory, one_thread) -> Path:
     return root
 
 
-def _torchrun(root: Path, stage: str, procs: int) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
-           "-m", "benchmark.run_stage", "--stage", stage, *OVER, f"run_root={root}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-
-
 def test_two_processes_write_what_one_process_writes(one_process, upstream, tmp_path):
     two = _copy(upstream, tmp_path / "two")
     for stage in STAGES:
         t0 = time.perf_counter()
-        _torchrun(two, stage, 2)
+        launch("-m", "benchmark.run_stage", "--stage", stage, *OVER, f"run_root={two}")
         TIMES[f"{stage} 2 processes (torchrun, with start-up)"] = time.perf_counter() - t0
     print({k: round(v, 1) for k, v in TIMES.items()})
     mine, theirs = _nodes(one_process), _nodes(two)
@@ -215,10 +206,7 @@ json.dump(out, open(sys.argv[1] + f"/rank{info.rank}.json", "w"))
 def test_batches_go_round_robin_and_come_back_in_order(tmp_path):
     script = tmp_path / "shard_check.py"
     script.write_text(SCRIPT)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-           str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_clean_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch(str(script), str(tmp_path), timeout=120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for key in ranks[0]:
         n, bs = map(int, key.split(","))

@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from _launch import launch, launch_background, strip_launch_env
 from benchmark import config, dag, run_stage
 from benchmark.stages import latent_cache as lc
 from benchmark.stages import sample_shards as shards
@@ -31,8 +30,6 @@ from conftest import TINY
 from test_datasets_folder import MODES, SIZES, _image, _save
 from test_gen_eval_sharded import _files as _eval_files  # every shard file and samples.npz
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 WNIDS = ("n04", "n01", "n03", "n02")  # written out of order: the index sorts them
 TRAIN_PER_CLASS, VAL_PER_CLASS = 10, 5
 
@@ -78,22 +75,13 @@ def _nodes(tree: Path, runs: Path) -> dict:
     return dag.build(cells, runs)[1][0]
 
 
-def _env() -> dict[str, str]:
-    """No launcher variables of an enclosing job; one intra-op thread, as in this process."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
-def _torchrun(stage: str, tree: Path, runs: Path) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "benchmark.run_stage", "--stage", stage, *_over(tree, runs)]
+def _args(stage: str, tree: Path, runs: Path) -> list[str]:
+    return ["-m", "benchmark.run_stage", "--stage", stage, *_over(tree, runs)]
 
 
 def _run2(stage: str, tree: Path, runs: Path, log: Path, **env: str) -> int:
-    with open(log, "ab") as out:
-        proc = subprocess.run(_torchrun(stage, tree, runs), cwd=ROOT, env={**_env(), **env}, stdout=out,
-                              stderr=subprocess.STDOUT, timeout=300)
-    return proc.returncode
+    """2 processes under torchrun, output appended to ``log``: the exit status."""
+    return launch(*_args(stage, tree, runs), extra_env=env, log=log, check=False).returncode
 
 
 def _children(pid: int) -> list[int]:
@@ -131,9 +119,7 @@ def whole(tree, tmp_path_factory, one_thread) -> tuple[Path, dict]:
     runs = tmp_path_factory.mktemp("whole")
     nodes = _nodes(tree, runs)
     with pytest.MonkeyPatch.context() as m:
-        for k in list(os.environ):  # one process, even inside a SLURM job or under torchrun
-            if k in LAUNCH_VARS or k.startswith("SLURM_"):
-                m.delenv(k)
+        strip_launch_env(m)  # one process, even inside a SLURM job or under torchrun
         for st in ("reference", "fid_ref", "tokenizer", "latent_cache", "recon_eval", "generator", "gen_eval"):
             assert run_stage.main(["--stage", st, *_over(tree, runs)]) == 0, st
     assert set(nodes) == {"reference", "fid_ref", "tokenizer", "latent_cache", "recon_eval", "generator",
@@ -172,9 +158,7 @@ def test_whole_cell_outputs_and_bad_file_count(whole):
 @pytest.mark.slow  # 4 torchrun launches of 2 processes: most of this file's time
 def test_killed_sharded_stages_resume_to_the_uninterrupted_bytes(whole, tree, tmp_path, monkeypatch, one_thread):
     _, a = whole
-    for k in list(os.environ):  # run_stage in this process must not see an enclosing job's launcher
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)  # run_stage in this process must not see an enclosing job's launcher
     runs_b = tmp_path / "resumed"
     for st in ("reference", "fid_ref", "tokenizer"):  # the stages before the cache: taken from A
         shutil.copytree(a[st].dir, runs_b / "stages" / st / a[st].dir.name)
@@ -204,9 +188,7 @@ def test_killed_sharded_stages_resume_to_the_uninterrupted_bytes(whole, tree, tm
     # the 6 sample shards is on disk. gen_eval has no kill hook; a shard (4 samples through the
     # sampler, the decoder and Inception) takes a few tenths of a second here and each rank has 3,
     # so a poll every 20 ms catches the run midway.
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(_torchrun("gen_eval", tree, runs_b), cwd=ROOT, env=_env(), stdout=out,
-                                stderr=subprocess.STDOUT)
+    proc = launch_background(*_args("gen_eval", tree, runs_b), log=log)
     e = b["gen_eval"].dir
     deadline = time.monotonic() + 240
     while not list(e.glob(f"{shards.SHARD_DIR}/main_*.pt")):

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +17,13 @@ import numpy as np
 import pytest
 import torch
 
+from _launch import launch, launch_background
 from benchmark import config, dag
 from benchmark.launch import run_node
 from benchmark.settings import EvalSettings, SettingsError
 from benchmark.stages import sample_shards as shards
 from benchmark.store import read_json
 from conftest import TINY
-
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # 40 Inception samples, 50 domain samples in shards of 8 (7 main shards, the last one short), and
 # 4 EMA snapshots of 12 (2 shards each). The SDE sampler, so that the sampler's own noise (not only
@@ -41,21 +37,12 @@ N_SHARD_FILES = 7 + 4 * 2
 RUN_FACTS = {"gen_eval_world_size", "peak_rss_mb_rank0"}
 
 
-def _clean_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    return {**env, "OMP_NUM_THREADS": "1"}
-
-
-def _cmd(root: Path, procs: int) -> list[str]:
-    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
-    return [sys.executable, *launcher, "-m", "benchmark.run_stage", "--stage", "gen_eval", *OVER,
-            f"run_root={root}"]
+def _args(root: Path) -> list[str]:
+    return ["-m", "benchmark.run_stage", "--stage", "gen_eval", *OVER, f"run_root={root}"]
 
 
 def _run(root: Path, procs: int) -> str:
-    proc = subprocess.run(_cmd(root, procs), cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    proc = launch(*_args(root), nproc=procs)
     return proc.stdout + proc.stderr
 
 
@@ -115,8 +102,7 @@ def test_one_and_two_processes_and_a_killed_run_agree(upstream, tmp_path):
     _run(b, 2)
     t2 = time.perf_counter()
     # C: one process, killed with SIGKILL once two main shards are on disk, then run again.
-    proc = subprocess.Popen(_cmd(c, 1), cwd=ROOT, env=_clean_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = launch_background(*_args(c), nproc=1)
     deadline = time.monotonic() + 240
     while len(list(c.glob("stages/gen_eval/*/shards/main_*.pt"))) < 2:
         assert proc.poll() is None and time.monotonic() < deadline, "gen_eval ended before it could be killed"

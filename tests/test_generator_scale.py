@@ -16,15 +16,13 @@ Tolerances, measured on the 2-core reference machine (CPU, fp32):
 from __future__ import annotations
 
 import copy
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch, strip_launch_env
 from benchmark import config, dag, run_stage
 from benchmark.distributed import DistInfo
 from benchmark.settings import GeneratorSettings, SettingsError
@@ -32,13 +30,11 @@ from benchmark.stages import generator, teacher
 from benchmark.store import read_json
 from generators import flow_matching_loss
 
-ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-5           # as tests/test_distributed.py
 ACCUM_MEASURED = 1.4e-6  # grad_accum 2 vs 1 (4: 2.2e-6), see the module docstring
 TEACHER_MEASURED = 2.5e-6  # 2 teacher processes vs 1 (1.2e-7 absolute), see the module docstring
 DDP_ACCUM_MEASURED = 1.8e-6  # 2 processes x grad_accum 2 vs 1 process (6e-8 absolute)
 EXACT = ["generator.ema_decay=0", "generator.lr_warmup_steps=1", "generator.label_dropout=0.5"]
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _cfg(tiny_overrides, *extra: str) -> dict:
@@ -198,20 +194,13 @@ TEACHER = ["loss.teacher_steps=12", "loss.teacher_batch_size=16", "loss.teacher_
 def test_two_torchrun_teacher_processes_match_one_process(tiny_overrides, tmp_path, monkeypatch):
     """teacher through the CLI: 1 process (A) vs 2 gloo processes (B), global batch 16, with the
     plateau rule evaluated every 3 steps (its decisions must agree on both ranks and with A)."""
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + TEACHER
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_stage.main(["--stage", "reference", *over, f"run_root={a}"]) == 0
     shutil.copytree(a / "stages", b / "stages")
     assert run_stage.main(["--stage", "teacher", *over, f"run_root={a}"]) == 0
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "benchmark.run_stage", "--stage", "teacher", *over, f"run_root={b}"],
-                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-m", "benchmark.run_stage", "--stage", "teacher", *over, f"run_root={b}")
     (da,), (db,) = a.glob("stages/teacher/*"), b.glob("stages/teacher/*")
     assert da.name == db.name
     ra, rb = read_json(da / "record.json"), read_json(db / "record.json")
@@ -252,18 +241,11 @@ finally:
 def test_two_processes_with_accumulation_match_one_process(tiny_overrides, tmp_path, monkeypatch, one_thread):
     """DDP with grad_accum=2 (gradients all-reduced on the last micro-batch only, no_sync before)
     against one process with grad_accum=1, the same global batch of 16 (4 latents a micro-batch)."""
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + EXACT
     cfg = _cfg(tiny_overrides, *EXACT)
     generator.train(cfg, *_latents(cfg), tmp_path / "one")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "--no-python", sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "two"), *over,
-                           "generator.grad_accum=2", f"run_root={tmp_path / 'runs'}"],
-                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-c", _RANK_SCRIPT, str(tmp_path / "two"), *over, "generator.grad_accum=2",
+           f"run_root={tmp_path / 'runs'}")
     worst = _worst_relative_diff(_ema(tmp_path / "one"), _ema(tmp_path / "two"))
     assert worst <= REL_TOL, f"2 processes x grad_accum 2 differ from 1 process by {worst:.2e} (relative)"

@@ -10,23 +10,18 @@ torchrun and the killed runs.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from _launch import launch, strip_launch_env
 from benchmark import config, dag, run_stage
 from benchmark.stages import latent_cache as lc
 from benchmark.store import read_json
-
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # kl: the tokenizer needs no teacher stage. 128 images: in shards of 32 (four shards) for the
 # multi-process and resume runs, in one shard of 500 where the batches must be encode_all's.
@@ -139,16 +134,9 @@ def test_cache_holds_encode_all_latents_and_flips(upstream, cache32, tmp_path, o
 
 @pytest.mark.slow  # torchrun start-up: ~20 s on the 2-core machine
 def test_two_gloo_processes_write_the_same_files(upstream, cache32, tmp_path, monkeypatch):
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)
     root = _root(upstream, tmp_path / "two")
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "benchmark.run_stage", "--stage", "latent_cache", *_over(32, root)]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-m", "benchmark.run_stage", "--stage", "latent_cache", *_over(32, root))
     d = _nodes(32, root)["latent_cache"].dir
     assert d.name == cache32.name
     assert read_json(d / "record.json")["facts"]["latent_cache_world_size"] == 2
@@ -157,12 +145,9 @@ def test_two_gloo_processes_write_the_same_files(upstream, cache32, tmp_path, mo
 
 def test_killed_run_resumes_from_its_finished_shards(upstream, cache32, tmp_path, caplog, one_thread):
     root = _root(upstream, tmp_path / "killed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", lc.KILL_AFTER_ENV: "1"}
     log = tmp_path / "killed.log"
-    with open(log, "wb") as out:
-        proc = subprocess.run([sys.executable, "-m", "benchmark.run_stage", "--stage", "latent_cache",
-                               *_over(32, root)], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=300)
+    proc = launch("-m", "benchmark.run_stage", "--stage", "latent_cache", *_over(32, root), nproc=1,
+                  extra_env={lc.KILL_AFTER_ENV: "1"}, log=log, check=False)
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-3000:]
     d = _nodes(32, root)["latent_cache"].dir
     assert sorted(p.name for p in d.iterdir() if p.suffix == ".npy") == ["shard_00000.npy"]

@@ -34,9 +34,6 @@ Runtime on the 2-core machine: ~35 s for the module, ~22 s of it the torchrun te
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,12 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from _launch import launch, strip_launch_env
 from benchmark import config, run_stage
 from benchmark.distributed import DistInfo
 from benchmark.store import load_torch, read_json
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 CELL = ["grid=single", "device=cpu", "prior=mobilenet", "prior.n_images=600", "prior.backbone.layer=4",
         "prior.backbone.input_size=32", "prior.stage1.iters=20", "prior.stage1.batch_size=8",
         "prior.stage1.checkpoint_every=5", "tokenizer.decoder.ch=8"]
@@ -83,9 +79,7 @@ def one_process(tmp_path_factory, one_thread):
     run root."""
     root = tmp_path_factory.mktemp("one")
     with pytest.MonkeyPatch.context() as mp:
-        for k in list(os.environ):
-            if k in LAUNCH_VARS or k.startswith("SLURM_"):
-                mp.delenv(k)
+        strip_launch_env(mp)
         for precision in PRECISIONS:
             assert run_stage.main(["--stage", "reference", *_over(precision, root / precision)]) == 0
     return root
@@ -231,15 +225,9 @@ def _relative(a: dict, b: dict, keys) -> float:
 def test_two_processes_match_one(one_process, tmp_path, one_thread):
     from priors import FitContext
     from priors.features import extract_features
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
     out = tmp_path / "ranks"
     out.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "--no-python", sys.executable, "-c", _RANK_SCRIPT, str(out), str(tmp_path / "two"),
-                           ",".join(PRECISIONS), *CELL],
-                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-c", _RANK_SCRIPT, str(out), str(tmp_path / "two"), ",".join(PRECISIONS), *CELL)
 
     # Extraction: every rank holds the one process's features, bit for bit.
     images, prior = _images_and_prior(config.load(_over("bf16", tmp_path))[1][0].cfg)

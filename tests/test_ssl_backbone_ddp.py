@@ -14,14 +14,12 @@
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch, strip_launch_env
 from backbones.offline_mae import MAE, MAE_MEAN, MAE_STD
 from benchmark import run_stage
 from benchmark.distributed import DistInfo
@@ -30,12 +28,10 @@ from benchmark.stages.common import dataset
 from benchmark.store import read_json
 from benchmark.training import Checkpoint, train_steps, warmup_lambda
 
-ROOT = Path(__file__).resolve().parent.parent
 REL_TOL = 1e-5              # as tests/test_distributed.py
 MEASURED = 6.1e-7           # 2 processes vs 1, key biases aside (see the module docstring)
 KEY_BIAS_MEASURED = 2.2e-4  # absolute, the decoder's key bias (the encoder's: 7.8e-6)
 STEPS, LR = 20, 0.01
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 SSL = ["device=cpu", "prior=offline-ssl", f"prior.backbone.train.steps={STEPS}", "prior.backbone.train.batch_size=16",
        f"prior.backbone.train.lr={LR}", "prior.backbone.train.warmup_steps=5",
        "prior.backbone.train.checkpoint_every=5",
@@ -142,17 +138,10 @@ def test_batch_not_divisible_by_the_world_size_is_refused(tmp_path):
 def test_two_torchrun_processes_match_one_process(tmp_path, monkeypatch, one_thread):
     """The stage through the CLI: 1 process (a) vs 2 gloo processes (b), global batch 16, with
     checkpoints every 5 steps (written by rank 0, removed at the end)."""
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)
     a, b = tmp_path / "a", tmp_path / "b"
     assert run_stage.main(["--stage", "ssl_backbone", *SSL, f"run_root={a}"]) == 0
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "benchmark.run_stage", "--stage", "ssl_backbone", *SSL, f"run_root={b}"],
-                          cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-m", "benchmark.run_stage", "--stage", "ssl_backbone", *SSL, f"run_root={b}")
     (da,), (db,) = (a / "stages" / "ssl_backbone").iterdir(), (b / "stages" / "ssl_backbone").iterdir()
     assert da.name == db.name and not (db / "ckpt.pt").exists()
     (wa, ra), (wb, rb) = _weights(a), _weights(b)

@@ -3,20 +3,15 @@ same global batch, through the dm matching loss (its fake network trains on each
 averaged gradients; that step alone, rank agreement and resume: tests/test_dm_fake_ddp.py)."""
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _launch import launch, strip_launch_env
 from benchmark import run_stage
 from benchmark.store import read_json
-
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 # Compared as functions: latents and reconstructions of fixed images. Weights are a poor measure
 # here: a conv bias right before a GroupNorm has an exactly-zero true gradient, so its gradient
@@ -50,9 +45,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.slow  # ~36 s per precision on the 2-core machine (torchrun start-up, two runs)
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_two_processes_match_one_process(precision, tiny_overrides, tmp_path, monkeypatch):
-    for k in list(os.environ):
-        if k in LAUNCH_VARS or k.startswith("SLURM_"):
-            monkeypatch.delenv(k)
+    strip_launch_env(monkeypatch)
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
         "tokenizer.lr_warmup_steps=1", f"tokenizer.precision={precision}"]
     a, b = tmp_path / "a", tmp_path / "b"
@@ -60,12 +53,7 @@ def test_two_processes_match_one_process(precision, tiny_overrides, tmp_path, mo
         assert run_stage.main(["--stage", stage, *over, f"run_root={a}"]) == 0
     for upstream in ("reference", "teacher"):
         shutil.copytree(a / "stages" / upstream, b / "stages" / upstream)
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS and not k.startswith("SLURM_")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "benchmark.run_stage", "--stage", "tokenizer", *over, f"run_root={b}"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    launch("-m", "benchmark.run_stage", "--stage", "tokenizer", *over, f"run_root={b}")
     (da,), (db,) = a.glob("stages/tokenizer/*"), b.glob("stages/tokenizer/*")
     assert da.name == db.name  # same config, same stage directory
     assert read_json(db / "record.json")["facts"]["tokenizer_world_size"] == 2
