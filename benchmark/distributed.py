@@ -5,6 +5,10 @@ launcher: ``torchrun --nproc_per_node=2 -m benchmark.run_stage ...`` and ``srun 
 python -m benchmark.run_stage ...`` both end up here. One process (no launcher variables, or a
 world of 1) creates no process group at all, so the default path costs nothing.
 
+``sharded_batches`` is the one scheduler of batch-parallel passes over a set (fixed batches dealt
+round-robin over the ranks): the evaluation stages gather the results to rank 0, the feature
+prior's stage 1 to every rank.
+
 Environment variables, and why each is read:
 
 torchrun (torch.distributed.run, "elastic launch"):
@@ -36,7 +40,7 @@ import os
 import re
 from datetime import timedelta
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -156,6 +160,71 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     out = value.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out / dist.get_world_size()
+
+
+def sharded_batches(n: int, batch_size: int, work: Callable[[torch.Tensor], Any], info: DistInfo,
+                    what: str = "batches", to_all: tuple[int, ...] | None = None) -> Iterator[Any]:
+    """``work(idx)`` for every batch of ``index_batches(n, batch_size)``, data-parallel: batch i
+    runs on rank i mod W, and rank 0 yields every batch's result in the original order (the
+    other ranks yield nothing, but must iterate too: every round is a collective).
+
+    The batches are those of one process whatever W is, so every image is scored in the same
+    batch (a bf16 network's rounding can depend on its batch) and W ranks give one process's
+    numbers. Results are gathered round by round, one batch per rank, so the ranks move in step
+    and rank 0 holds at most W batches' results beyond what its caller keeps. One process runs
+    ``work`` in place and gathers nothing.
+
+    ``to_all`` None (the evaluation stages): results go to rank 0 only (gather_object: gloo on
+    CPU, NCCL on GPUs), the others keep nothing. ``work`` must return CPU tensors in dicts, lists
+    or tuples (or None, ints, floats, strings), and no views of large tensors (a serialised view
+    carries its whole storage).
+
+    ``to_all`` a shape (stage 1 of the feature prior, which trains on the features on every
+    rank): ``work`` returns a float32 tensor [len(idx), *to_all] on ``info.device``, and every
+    rank yields every batch's rows, all-gathered as tensors (no serialisation, and device to
+    device under NCCL)."""
+    from benchmark.metrics.streaming import index_batches
+    batches = list(index_batches(n, batch_size))
+    world, count = info.world_size, len(batches)
+    every = max(1, -(-count // world) // 10)  # about ten progress lines per pass
+    for r, first in enumerate(range(0, count, world)):
+        i = first + info.rank
+        out = work(batches[i]) if i < count else None
+        if world == 1:
+            yield out
+        elif to_all is None:
+            yield from _gather_to_main(out, batches[first:first + world], info)
+        else:
+            yield from _all_gather_rows(out, batches[first:first + world], info, to_all, what)
+        if (r + 1) % every == 0 or first + world >= count:
+            log.info("%s: %d/%d batches of %d on %d rank(s)", what, min(count, first + world), count, batch_size,
+                     world)
+
+
+def _gather_to_main(out: Any, round_batches: Sequence[torch.Tensor], info: DistInfo) -> list[Any]:
+    """One round's results (one per batch of ``round_batches``) on rank 0; nothing elsewhere."""
+    got: list[Any] | None = [None] * info.world_size if info.is_main else None
+    # weights_only: results are tensors in plain containers, so they go through torch.save
+    # and torch.load(weights_only=True) like every file here (benchmark/store.py), not pickle.
+    dist.gather_object(out, got, dst=0, weights_only=True)
+    return [] if got is None else got[:len(round_batches)]
+
+
+def _all_gather_rows(out: torch.Tensor | None, round_batches: Sequence[torch.Tensor], info: DistInfo,
+                     shape: tuple[int, ...], what: str) -> list[torch.Tensor]:
+    """One round's row tensors (one per batch of ``round_batches``) on every rank. A rank with no
+    batch this round (``out`` None) sends no rows."""
+    rows = torch.zeros(0, *shape, device=info.device) if out is None else out
+    if tuple(rows.shape[1:]) != tuple(shape):
+        raise ValueError(f"{what}: rank {info.rank} computed rows of shape {tuple(rows.shape[1:])}, "
+                         f"expected {tuple(shape)}")
+    # all_gather needs one shape on every rank: the short last batch and the idle ranks pad to
+    # the round's first (longest) batch, and the padding is dropped again.
+    padded = torch.zeros(len(round_batches[0]), *shape, device=info.device)
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(info.world_size)]
+    dist.all_gather(parts, padded)
+    return [part[:len(idx)] for part, idx in zip(parts, round_batches)]
 
 
 def cleanup() -> None:

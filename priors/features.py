@@ -122,17 +122,16 @@ def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 2
     The images go through in fixed batches of ``batch_size`` (batch k: images k*batch_size
     onwards), whatever the number of processes: a kernel may round differently for another batch
     size, and an image's features must not depend on how many ranks shared the work. With N
-    ranks, batch k is computed by rank k % N; round j (batches jN .. jN+N-1) is all-gathered,
-    so every rank ends with all the features, in image order. A rank with no batch left in the
-    last round sends zeros of the batch's shape (``backbone.out_dim`` channels), which are dropped."""
-    from benchmark.distributed import DistInfo
+    ranks, batch k is computed by rank k % N and every rank ends with all the features, in image
+    order (benchmark.distributed.sharded_batches with ``to_all``: [batch, ``backbone.out_dim``,
+    grid, grid] rows, all-gathered round by round)."""
+    from benchmark.distributed import DistInfo, sharded_batches
     info = info or DistInfo()
     backbone.eval()
     dtype = torch.bfloat16 if precision == "bf16" else None
-    n = len(images)
 
-    def batch(k: int) -> torch.Tensor:
-        x = images.float_batch(torch.arange(k * batch_size, min(n, (k + 1) * batch_size))).to(info.device)
+    def batch(idx: torch.Tensor) -> torch.Tensor:
+        x = images.float_batch(idx).to(info.device)
         with torch.autocast(info.device.type, dtype=torch.bfloat16, enabled=dtype is not None):
             f = backbone(x).float()
         if f.shape[-1] != grid:
@@ -142,28 +141,9 @@ def extract_features(backbone: nn.Module, images, grid: int, batch_size: int = 2
             f = F.adaptive_avg_pool2d(f, grid)
         return f
 
-    n_batches = -(-n // batch_size)
-    if not info.distributed:
-        return torch.cat([batch(k) for k in range(n_batches)])
-    import torch.distributed as dist
-    world = info.world_size
-    dim = int(backbone.out_dim)
-    out = []
-    for first in range(0, n_batches, world):  # the same number of rounds, so of collectives, on every rank
-        k = first + info.rank
-        f = batch(k) if k < n_batches else torch.zeros(0, dim, grid, grid, device=info.device)
-        if tuple(f.shape[1:]) != (dim, grid, grid):
-            raise ValueError(f"backbone gave features of shape {tuple(f.shape[1:])}, expected its out_dim "
-                             f"{dim} on the {grid}x{grid} grid")
-        # all_gather needs one shape on every rank: the short last batch and the idle ranks pad.
-        padded = torch.zeros(batch_size, dim, grid, grid, device=info.device)
-        padded[:len(f)] = f
-        parts = [torch.empty_like(padded) for _ in range(world)]
-        dist.all_gather(parts, padded)
-        for r, part in enumerate(parts):
-            if first + r < n_batches:
-                out.append(part[:min(n, (first + r + 1) * batch_size) - (first + r) * batch_size])
-    return torch.cat(out)
+    # to_all: stage 1 trains on every rank, so every rank needs every image's features.
+    rows = (int(backbone.out_dim), grid, grid)
+    return torch.cat(list(sharded_batches(len(images), batch_size, batch, info, "backbone features", to_all=rows)))
 
 
 # The frozen-backbone stage's settings and their defaults; also the keys `prior.stage1` may hold

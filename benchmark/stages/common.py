@@ -1,20 +1,18 @@
 """Helpers the stage modules share: loading upstream outputs and building cell objects."""
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from benchmark.dag import Node, latent_shape
 from benchmark.data import ImageSet, class_balanced, open_dataset, subset
-from benchmark.distributed import DistInfo
+# sharded_batches lives with the process group (priors/features.py uses it too, and must not
+# import the stages); tests/test_eval_sharded.py imports it from here.
+from benchmark.distributed import DistInfo, sharded_batches
 from benchmark.settings import DatasetSettings, EvalSettings
 from benchmark.store import load_torch
-
-log = logging.getLogger(__name__)
 
 
 def dataset_settings(cfg: dict[str, Any]) -> DatasetSettings:
@@ -53,41 +51,6 @@ def detector_features(det, images, batch_size: int, chunk: int = 1024) -> dict[s
     parts = [det.features(to_uint8_rgb(images.uint8_batch(torch.arange(i, min(len(images), i + step)))),
                           batch_size=batch_size) for i in range(0, len(images), step)]
     return {k: None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def sharded_batches(n: int, batch_size: int, work: Callable[[torch.Tensor], Any], info: DistInfo,
-                    what: str = "batches") -> Iterator[Any]:
-    """``work(idx)`` for every batch of ``index_batches(n, batch_size)``, data-parallel: batch i
-    runs on rank i mod W, and rank 0 yields every batch's result in the original order (the
-    other ranks yield nothing, but must iterate too: every round is a collective).
-
-    The batches are those of one process whatever W is, so every image is scored in the same
-    batch (a bf16 detector's rounding can depend on its batch) and W ranks give one process's
-    numbers. Results are gathered round by round, one batch per rank (gather_object: gloo on
-    CPU, NCCL on GPUs), so the ranks move in step and rank 0 holds at most W batches' results
-    beyond what its caller keeps; the others keep nothing. One process runs ``work`` in place
-    and gathers nothing. ``work`` must return CPU tensors in dicts, lists or tuples (or None,
-    ints, floats, strings), and no views of large tensors (a serialised view carries its whole
-    storage)."""
-    from benchmark.metrics.streaming import index_batches
-    batches = list(index_batches(n, batch_size))
-    world, count = info.world_size, len(batches)
-    every = max(1, -(-count // world) // 10)  # about ten progress lines per pass
-    for r, first in enumerate(range(0, count, world)):
-        i = first + info.rank
-        out = work(batches[i]) if i < count else None
-        if world == 1:
-            yield out
-        else:
-            got: list[Any] | None = [None] * world if info.is_main else None
-            # weights_only: results are tensors in plain containers, so they go through torch.save
-            # and torch.load(weights_only=True) like every file here (benchmark/store.py), not pickle.
-            dist.gather_object(out, got, dst=0, weights_only=True)
-            if got is not None:
-                yield from got[:count - first]
-        if (r + 1) % every == 0 or first + world >= count:
-            log.info("%s: %d/%d batches of %d on %d rank(s)", what, min(count, first + world), count, batch_size,
-                     world)
 
 
 def sharded_features(dets: dict[str, Any], images, batch_size: int, info: DistInfo,

@@ -11,7 +11,7 @@ n = 500 is small-sample bias rather than model error.
 Data-parallel under torchrun / SLURM tasks, like gen_eval: each image set (the held-out
 reference, the floors' training images, the domain detector's reference) is read in batches of
 eval.batch_size, batch i is scored on rank i mod W on that rank's device, and the features come
-back to rank 0 in the original order (common.sharded_batches). The batches are one process's
+back to rank 0 in the original order (distributed.sharded_batches). The batches are one process's
 whatever W is, so the feature files and floors are the same on any number of ranks; rank 0
 computes the floors and writes every file, the other ranks return empty facts.
 """

@@ -13,7 +13,7 @@ validation images never sit in memory (only their features do).
 Data-parallel under torchrun / SLURM tasks, like gen_eval: batch i of eval.batch_size images is
 reconstructed and scored on rank i mod W, on that rank's device, and its features, per-image
 PSNR/SSIM and (for the first GRID images) reconstructions come back to rank 0 in the original
-order (common.sharded_batches). The batches are one process's whatever W is, so every number is
+order (distributed.sharded_batches). The batches are one process's whatever W is, so every number is
 the same on any number of ranks; rank 0 computes the metrics and writes every file, the other
 ranks return empty facts.
 """
@@ -30,8 +30,7 @@ from benchmark.metrics.columns import fd, fd_interval_columns, named_fds
 from benchmark.metrics.generation import feature_statistics
 from benchmark.metrics.streaming import FeatureStream, batch_features
 from benchmark.stages import domain_detector
-from benchmark.stages.common import (domain_ref_images, eval_images, features_file, image_grid, load_tokenizer,
-                                     sharded_batches)
+from benchmark.stages.common import domain_ref_images, eval_images, features_file, image_grid, load_tokenizer
 from benchmark.stages.fid_ref import DOMAIN_FEATURES
 from benchmark.settings import EvalSettings
 from benchmark.store import load_torch
@@ -53,7 +52,8 @@ def reconstruct_scored(tok, images, dets: dict[str, Detector], batch_size: int, 
                        keep: int = 0, what: str = "reconstructions") -> Scored | None:
     """Reconstruct every image of ``images`` ``batch_size`` at a time (read from the set batch by
     batch, so a file-backed set of 50,000 is never held), each batch on the rank that
-    sharded_batches gives it, on that rank's device, scored with every detector as it goes.
+    distributed.sharded_batches gives it, on that rank's device, scored with every detector as it
+    goes.
     Rank 0 gets the features, per-image PSNR and SSIM, and the first ``keep`` reconstructions;
     the other ranks None. No other reconstruction outlives its batch."""
     device = info.device
@@ -69,7 +69,7 @@ def reconstruct_scored(tok, images, dets: dict[str, Detector], batch_size: int, 
 
     stream = FeatureStream(dets, batch_size)
     ps, ss, first = [], [], []
-    for out in sharded_batches(len(images), batch_size, work, info, what):
+    for out in distributed.sharded_batches(len(images), batch_size, work, info, what):
         ps.append(out["psnr"])
         ss.append(out["ssim"])
         stream.add_features(out["features"])
