@@ -28,7 +28,8 @@ import torch
 from benchmark import config
 from benchmark.dag import latent_shape
 from benchmark.logs import setup_logging
-from benchmark.perf import _peak_rss_mb, count_flops, tokenizer_step
+from benchmark.host_memory import peak_rss_mb
+from benchmark.perf import count_flops, matmul_peak, measure_peak, sync, tokenizer_step
 from benchmark.plan import GPU_PEAKS
 from benchmark.store import write_json, write_text
 
@@ -57,23 +58,10 @@ def bf16_peak(device: torch.device) -> tuple[float, str]:
     name = gpu_name(device)
     if name in GPU_PEAKS:
         return GPU_PEAKS[name]["bf16"] * 1e12, f"{name} data sheet (PAPER_SCALE.md)"
-    from benchmark.perf import measure_peak
     if device.type == "cuda":
-        a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-        for _ in range(3):
-            a @ a
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            a @ a
-        torch.cuda.synchronize()
-        return 10 * 2 * 8192 ** 3 / (time.perf_counter() - t0), "measured: 8192^2 bf16 matmul"
+        # A GPU missing from the data sheets: a large bf16 multiply (8192^2 saturates the tensor cores).
+        return matmul_peak(torch.bfloat16, 8192, 10, device) * 1e9, "measured: 8192^2 bf16 matmul"
     return measure_peak(torch.bfloat16, (1024, 2048), 3)["gflops"] * 1e9, "measured: bf16 matmul on this CPU (AMX)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def build_cases(cfg: dict, device: torch.device, tiny: bool) -> dict[str, tuple[Callable[[], torch.Tensor], int, str]]:
@@ -185,12 +173,12 @@ def run(tiny: bool, steps: int, out_dir: Path) -> dict:
         row: dict = {"case": case, "items_per_step": items, "unit": unit}
         try:
             out = fn()  # warm-up (allocations, cuDNN autotuning)
-            _sync(device)
+            sync(device)
             ts = []
             for _ in range(steps):
                 t0 = time.perf_counter()
                 out = fn()
-                _sync(device)
+                sync(device)
                 ts.append(time.perf_counter() - t0)
             finite = bool(torch.isfinite(out).all())
             flops = count_flops(fn)
@@ -199,7 +187,7 @@ def run(tiny: bool, steps: int, out_dir: Path) -> dict:
                        mfu=flops / med / peak,
                        # device memory on a GPU; the process's peak resident set on the CPU
                        peak_mem_gb=(torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda"
-                                    else _peak_rss_mb() / 1024))
+                                    else peak_rss_mb() / 1024))
             log.info("%-55s %9.1f %-10s MFU %5.1f%%  peak %.1f GB  finite=%s", case, row["throughput"], unit,
                      100 * row["mfu"], row["peak_mem_gb"], finite)
         except torch.OutOfMemoryError as exc:  # a finding, not a crash: the next stage still runs

@@ -3,8 +3,8 @@
 For each case we time several repetitions after a warm-up and report the median (the machine
 is noisy), count FLOPs of one step with torch's FlopCounterMode, and express the achieved
 GFLOP/s as a fraction of the fp32 matrix-multiply peak measured in the same run. Peak memory
-is the process's peak resident set during the case (VmHWM, reset per case through
-/proc/self/clear_refs). Results go to a Markdown table and a JSON file.
+is the process's peak resident set during the case (benchmark/host_memory.py: VmHWM, reset
+per case through /proc/self/clear_refs). Results go to a Markdown table and a JSON file.
 """
 from __future__ import annotations
 
@@ -22,27 +22,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark import config
 from benchmark.dag import latent_shape
+from benchmark.host_memory import peak_rss_mb, reset_peak_rss
 from benchmark.store import write_json, write_text
 
 log = logging.getLogger("benchmark.perf")
-
-
-def _reset_peak_rss() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def time_case(fn: Callable[[], object], reps: int, warmup: int = 1) -> list[float]:
@@ -62,10 +45,23 @@ def count_flops(fn: Callable[[], object]) -> int:
     return int(fc.get_total_flops())
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
-    """GFLOP/s of one n x n matrix multiply (median of ``reps`` after 3 warm-ups)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    ts = time_case(lambda: a @ b, reps, warmup=3)
+def sync(device: torch.device) -> None:
+    """Wait for ``device``'s queued work: CUDA kernels run asynchronously, so a timer that did not
+    wait would time the launch only. Nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: torch.device | str = "cpu") -> float:
+    """GFLOP/s of one n x n matrix multiply on ``device``, each run to completion (median of
+    ``reps`` after 3 warm-ups). Shared with gpu_check, which measures a GPU's peak the same way."""
+    device = torch.device(device)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+
+    def one() -> None:
+        a @ b
+        sync(device)
+    ts = time_case(one, reps, warmup=3)
     return 2 * n ** 3 / statistics.median(ts) / 1e9
 
 
@@ -261,7 +257,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
              "/".join(map(str, sizes)), torch.get_num_threads(), peak32, peak16)
     rows = []
     for name, (fn, items, unit, prec) in build_cases(cfg, quick).items():
-        _reset_peak_rss()
+        reset_peak_rss()
         ts = time_case(fn, reps)
         flops = count_flops(fn)
         med = statistics.median(ts)
@@ -270,7 +266,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
                      "throughput": items / med, "median_step_s": med,
                      "min_step_s": min(ts), "max_step_s": max(ts), "reps": reps,
                      "gflop_per_step": flops / 1e9, "gflops": gflops,
-                     "fraction_of_peak": gflops / peaks[prec], "peak_rss_mb": _peak_rss_mb()})
+                     "fraction_of_peak": gflops / peaks[prec], "peak_rss_mb": peak_rss_mb()})
         log.info("%-48s %9.1f %-9s %6.1f GFLOP/s (%4.0f%% of the %s peak)", name, items / med, unit,
                  gflops, 100 * gflops / peaks[prec], "bf16" if prec == "mixed" else prec)
     result = {"machine": {"cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),

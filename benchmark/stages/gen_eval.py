@@ -27,13 +27,13 @@ interval over resamples of the generated set (``gfid_lo``, ``fd_domain_hi``, ...
 from __future__ import annotations
 
 import logging
-import resource
 
 import torch
 
 from benchmark import distributed
 from benchmark.accel import compile_in_place
 from benchmark.dag import Node, latent_shape
+from benchmark.host_memory import peak_rss_mb
 from benchmark.metrics import Detector, build_detector, feature_statistics, frechet_distance, load_npz_statistics
 from benchmark.metrics.columns import fd, fd_interval_columns, named_fds, space_columns
 from benchmark.metrics.generation import generation_metrics
@@ -197,8 +197,8 @@ def _score(node: Node, ev: EvalSettings, plan: shards.ShardPlan, snaps: dict, ve
             "sample_seed": seed + SAMPLE_OFFSET, "shard_size": ev.shard_size, "shards": plan.count,
             "gen_eval_world_size": info.world_size, "decoded_out_of_range_frac": outside / (n * c * h * w),
             "detector": versions[ev.detector],
-            # ru_maxrss is in KiB on Linux: rank 0's peak host memory (it also scores).
-            "peak_rss_mb_rank0": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            # rank 0's peak host memory in MiB (it also scores), over the whole stage.
+            "peak_rss_mb_rank0": peak_rss_mb()}
 
 
 @torch.no_grad()
