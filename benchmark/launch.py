@@ -97,6 +97,12 @@ def _worker_init(threads: int) -> None:
     import os
     _die_with_parent()
     torch.set_num_threads(threads)
+    # numpy's BLAS (OpenBLAS) sizes its pool to every core whatever torch was told, so two workers
+    # on two cores ran four BLAS threads in the metrics' numpy work (KID's kernel matrices, np.cov).
+    # KID, 500 x 2048 features, 20 subsets, in a 1-thread worker with the sweep running: 1.78 s
+    # with the default pool, 0.95 s with one thread. Not a context manager: the limit stays.
+    from threadpoolctl import threadpool_limits
+    threadpool_limits(limits=threads, user_api="blas")
     os.environ["DMVAE_NO_BARS"] = "1"  # several workers' bars would overwrite each other
     from benchmark.logs import setup_logging
     setup_logging()
