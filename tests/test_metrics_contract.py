@@ -369,3 +369,15 @@ def test_load_npz_statistics(tmp_path):
         np.savez(tmp_path / f"{name}.npz", mu=m_, sigma=s_)
         with pytest.raises(ValueError, match=r"are not \[D\] and \[D, D\]"):
             gen_mod.load_npz_statistics(tmp_path / f"{name}.npz")
+
+
+def test_kid_whole_sets_computed_once_equal_to_every_subset():
+    """Subsets as large as both sets are permutations of them: one subset gives torch-fidelity's
+    mean over many to rounding, and a std of exactly 0 (its spread was rounding noise)."""
+    g, r = _feats(7, n=12), _feats(8, n=12)
+    out = gen_mod.generation_metrics({"pool": g}, {"pool": r}, kid_subset_size=12, kid_subsets=50, seed=3)
+    ref = gen_mod.kid_features_to_metric(g, r, kid_subsets=50, kid_subset_size=12, rng_seed=3, verbose=False)
+    assert out["kid_mean"] == pytest.approx(float(ref[gen_mod.KEY_METRIC_KID_MEAN]), rel=1e-12)
+    assert float(ref[gen_mod.KEY_METRIC_KID_STD]) < 1e-12 * abs(out["kid_mean"]) + 1e-15
+    assert out["kid_std"] == 0.0
+    assert out["kid_mean"] == pytest.approx(_kid_full(g.double().numpy(), r.double().numpy()), rel=1e-9)

@@ -110,6 +110,12 @@ def generation_metrics(
     subset = min(kid_subset_size, len(g), len(r))
     if subset < kid_subset_size:
         log.warning("KID subset size clamped from %d to %d (sample count)", kid_subset_size, subset)
+    # A subset as large as both sets is each whole set in another order, and KID's unbiased MMD
+    # does not depend on the order: all of torch-fidelity's subsets then give one number (kid_std
+    # ~1e-16, rounding), so one is computed. The CPU presets score 500 vs 500 samples this way:
+    # 100 subsets of 500 x 2048 features cost ~5 s a stage for nothing.
+    if subset == len(g) == len(r):
+        kid_subsets = 1
     kid = kid_features_to_metric(g, r, kid_subsets=kid_subsets, kid_subset_size=subset,
                                  rng_seed=seed, verbose=False)
     # torch-fidelity's convention: input 1 is generated, input 2 is real (metric_prc.py).
