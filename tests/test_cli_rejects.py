@@ -2,12 +2,12 @@
 with exit code 2 and a message that says what is wrong, before any stage directory exists."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ BAD = [
 @pytest.fixture(scope="module")
 def rejected(tmp_path_factory):
     """Start every bad run at once (each is import-bound, a few seconds), then collect them."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()  # one thread, no launcher variables (tests/_launch.py)
     runs = {}
     for name, over, _ in BAD:
         root = tmp_path_factory.mktemp(name)

@@ -19,6 +19,7 @@ from benchmark.datasets import (BadImageError, FileImageSet, ImageSet, check_dat
                                 open_dataset, subset)
 from benchmark.datasets.files import scan
 from benchmark.datasets.loader import ShardSampler, ShardedLoader
+from _launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 WNIDS = ("n02", "n10", "n01")  # written out of order: the index must sort them
@@ -207,7 +208,7 @@ def test_bad_roots_rejected_at_validation(tmp_path, tree):
     with pytest.raises(ValueError, match="unknown dataset 'cifar10'"):
         check_dataset({**settings(tree), "name": "cifar10"})
     # through the real command line: exit code 2, the path named, no stage directory created
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()  # one thread, no launcher variables (tests/_launch.py)
     proc = subprocess.run([sys.executable, "-m", "benchmark.grid", *over, f"dataset.root={tmp_path / 'nope'}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stdout + proc.stderr

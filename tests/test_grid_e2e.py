@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import pytest
 import torch
 
 from benchmark import grid
+from _launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,7 +73,7 @@ def _run(args, env=None):
 def test_kill_9_then_resume_gives_identical_tokenizer(tiny_overrides, tmp_path):
     over = [o for o in tiny_overrides if not o.startswith("run_root")] + [
         "grid=single", "tokenizer.match_iters=60", "tokenizer.checkpoint_every=10"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()  # one thread, no launcher variables (tests/_launch.py)
     ref = _run(over + [f"run_root={tmp_path / 'a'}"], env)
     assert ref.wait(timeout=600) == 0, ref.stdout.read().decode()[-3000:]
     # Interrupt the second run as soon as the tokenizer has written a checkpoint.

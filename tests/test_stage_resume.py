@@ -10,7 +10,6 @@ thread, as the killed subprocess) to save a Python start-up each.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import signal
 import subprocess
@@ -23,6 +22,7 @@ import torch
 
 from benchmark import run_stage
 from benchmark.store import load_torch
+from _launch import clean_env
 
 ROOT = Path(__file__).resolve().parent.parent
 WAIT_S = 600  # generous: the machine is shared; the loop ends as soon as the checkpoint appears
@@ -56,7 +56,7 @@ def _stage_dir(root: Path, stage: str) -> Path:
 
 def _kill_after_checkpoint(stage: str, overrides: list[str], root: Path, ckpt: str, log: Path) -> None:
     """Start the stage in a subprocess and SIGKILL it as soon as ``ckpt`` exists in its directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = clean_env()  # one thread, no launcher variables (tests/_launch.py)
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "benchmark.run_stage", *_args(stage, overrides, root)],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
