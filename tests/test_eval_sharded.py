@@ -1,5 +1,5 @@
 """Data-parallel recon_eval and fid_ref (benchmark/stages/recon_eval.py, fid_ref.py and
-common.sharded_batches): two gloo processes write the same files and the same metrics as one, one
+distributed.sharded_batches): two gloo processes write the same files and the same metrics as one, one
 process computes what the code before sharding computed, and the batch-to-rank assignment gives
 every batch back to rank 0 in order for uneven counts.
 
@@ -188,7 +188,7 @@ SCRIPT = """
 import json, sys
 import torch
 from benchmark import distributed
-from benchmark.stages.common import sharded_batches
+from benchmark.distributed import sharded_batches
 info = distributed.init_from_env("cpu")
 out = {}
 for n, bs in ((20, 8), (7, 1), (5, 5), (3, 2), (10, 3)):

@@ -8,8 +8,8 @@ import torch
 
 from benchmark.dag import Node, latent_shape
 from benchmark.data import ImageSet, class_balanced, open_dataset, subset
-# sharded_batches lives with the process group (priors/features.py uses it too, and must not
-# import the stages); tests/test_eval_sharded.py imports it from here.
+# sharded_batches lives with the process group: priors/features.py uses it too, and must not
+# import the stages.
 from benchmark.distributed import DistInfo, sharded_batches
 from benchmark.settings import DatasetSettings, EvalSettings
 from benchmark.store import load_torch
