@@ -91,18 +91,31 @@ def _latent(t: dict) -> tuple[int, int, int]:
     return tuple(latent_shape(_cfg("tokenizer=" + t["preset"])))
 
 
+def _default_cell(prior: str, loss: str) -> dict:
+    """A cell of grid=default as it runs (the grid's base overrides applied)."""
+    _, cells = config.load(["grid=default"])
+    (cell,) = [c.cfg for c in cells if c.cfg["prior"]["name"] == prior and c.cfg["loss"]["name"] == loss]
+    return cell
+
+
 def test_generator_eval_and_loss_numbers():
     cfg = _cfg()
     g, ev, dm = cfg["generator"], cfg["eval"], cfg["loss"]
+    default = _default_cell("gaussian", "dm")
     assert _quoted(r"normalised latents of ([\d,]+) training images") == (g["train_images"],)
     assert _quoted(r"generator ([\d,]+) instead of [\d,]+ steps") == (g["steps"],)
     assert _quoted(r"`gen_eval`: ([\d,]+) class-balanced samples \(Euler, (\d+) steps") == \
         (ev["domain"]["n_samples"], ev["sampler"]["steps"])
     assert _quoted(r"decoded; the first ([\d,]+)\s+scored with torch-fidelity") == (ev["n_samples"],)
+    # the default sweep's cuts against the presets (grid=default's base), and the presets' values
+    assert default["generator"]["snapshots"] == [] and "no EMA snapshots" in README
     assert _quoted(r"each EMA\s+snapshot on ([\d,]+) samples") == (ev["domain"]["snapshot_n_samples"],)
+    assert tuple(100 * f for f in g["snapshots"]) == _quoted(r"EMA snapshots at (\d+)/(\d+)/(\d+)% of training")
+    assert _quoted(r"teacher ceiling of ([\d,]+) steps \(the mini-paper: ([\d,]+)\)") == \
+        (default["loss"]["teacher_steps"], dm["teacher_steps"])
     assert ev["sampler"]["method"] == "euler" and ev["sampler"]["cfg_scale"] == 1.0  # "no CFG"
     assert _quoted(r"`fid_ref`: Inception features of ([\d,]+) held-out") == (ev["n_ref"],)
-    assert _quoted(r"teacher ([\d,]+) steps of ([\d,]+)\)") == (dm["teacher_steps"], dm["teacher_batch_size"])
+    assert _quoted(r"teacher ([\d,]+) steps of ([\d,]+)\)") == (default["loss"]["teacher_steps"], dm["teacher_batch_size"])
     assert _quoted(r"`vae_train_every` \((\d+)\)") == (dm["vae_train_every"],)
     kl = _cfg("loss=kl")["loss"]
     assert _quoted(r"\| `kl` \|[^|]*\| lambda ([\d.e-]+) ") == (kl["lambda"],)
