@@ -98,6 +98,11 @@ def _start_now(job: str) -> None:
         assert launch_slurm.is_active(state), f"job {job} ended {state} instead of being requeued"
         return state.startswith("PENDING") and "not listed" not in state
     _until(pending, f"job {job} pending again after its requeue", _squeue, poll=0.2)
+    # Not in the same second as the requeue: the kill revoked the job's credential, and a start
+    # within that second got a credential slurmd counts as revoked too (seconds resolution), so
+    # slurmctld killed the job ("Killing non-startable batch JobId=684: Job credential revoked",
+    # 0.8 s after "Requeuing JobId=684", in one CI run) and it ended FAILED.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
 
 
