@@ -227,7 +227,19 @@ def _all_gather_rows(out: torch.Tensor | None, round_batches: Sequence[torch.Ten
     return [part[:len(idx)] for part, idx in zip(parts, round_batches)]
 
 
+def finish() -> None:
+    """The end of a run that succeeded on this rank: wait for every rank, then tear the group down.
+
+    Without the barrier a rank that finishes first destroys its end of the group while another
+    still writes its record or sends its last collective; gloo then aborts that rank ("terminate
+    called without an active exception", seen once in CI). Only for the success path: after a
+    failure the other ranks may never reach the barrier, so ``finally`` blocks call ``cleanup``."""
+    barrier()
+    cleanup()
+
+
 def cleanup() -> None:
+    """Tear the process group down at once (no barrier, so it is safe after a rank has failed)."""
     global _INFO
     if dist.is_initialized():
         dist.destroy_process_group()

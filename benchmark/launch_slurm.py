@@ -189,7 +189,7 @@ class StageJob(submitit.helpers.Checkpointable):
             logging.getLogger().setLevel(logging.WARNING)  # one copy of the log, from rank 0
         try:
             rec = run_one(node, info)
-            distributed.barrier()  # nobody exits before rank 0 has written the record
+            distributed.finish()  # nobody exits before rank 0 has written the record
             return rec
         except Exception as exc:
             if info.is_main:

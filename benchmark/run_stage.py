@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log.info("%s on %d process(es), device %s -> %s", node.stage, info.world_size, info.device, node.dir)
         rec = run_one(node, info)
-        distributed.barrier()  # nobody exits before rank 0 has written the record
+        distributed.finish()  # nobody exits before rank 0 has written the record
     except Exception as exc:
         if info.is_main:
             write_failure(node, exc)

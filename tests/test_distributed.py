@@ -91,6 +91,34 @@ def test_world_size_one_never_initialises_a_process_group(tiny_overrides, tmp_pa
         distributed.cleanup()
 
 
+# Rank 1 is late to the end of the run: it leaves a marker, then finishes. Rank 0 reaches
+# finish() first, so once finish() has returned on rank 0 the marker must be there; a finish()
+# without its barrier would return at once. Both ranks end with no process group, and cleanup()
+# after finish() (what the `finally` blocks do) is a no-op.
+FINISH_SCRIPT = """
+import pathlib, sys, time
+import torch
+from benchmark import distributed
+out = pathlib.Path(sys.argv[1])
+info = distributed.init_from_env("cpu")
+if info.rank == 1:
+    time.sleep(2.0)
+    (out / "rank1_reached_finish").touch()
+distributed.finish()
+seen = (out / "rank1_reached_finish").exists()
+distributed.cleanup()
+(out / f"rank{info.rank}.txt").write_text(f"{seen} {torch.distributed.is_initialized()}")
+"""
+
+
+def test_finish_waits_for_every_rank_then_tears_the_group_down(tmp_path):
+    script = tmp_path / "finish_check.py"
+    script.write_text(FINISH_SCRIPT)
+    launch(str(script), str(tmp_path), timeout=120)
+    assert (tmp_path / "rank0.txt").read_text() == "True False"
+    assert (tmp_path / "rank1.txt").read_text() == "True False"
+
+
 def test_global_batch_must_divide_over_the_processes(tiny_overrides, tmp_path):
     cfg = _cfg(tiny_overrides)  # generator.batch_size=16
     with pytest.raises(ValueError, match="batch_size=16 .* multiple of 3"):

@@ -119,8 +119,7 @@ def worker(out_dir: Path) -> None:
     torch.set_rng_state(saved["rng"])
     _train(dm, rows, RESUME_AT, STEPS)
     torch.save({"full": full, "resumed": _state(dm), "logs": logs}, out_dir / f"rank{info.rank}.pt")
-    distributed.barrier()  # as run_stage does: both ranks done before either tears the group down
-    distributed.cleanup()
+    distributed.finish()  # as run_stage does: both ranks done before either tears the group down
 
 
 def test_rows_path_draws_what_one_process_draws():

@@ -232,7 +232,7 @@ z, y = torch.randn(n, *latent_shape(cfg), generator=g), torch.randint(10, (n,), 
 info = distributed.init_from_env("cpu")
 try:
     generator.train(cfg, z, y, Path(out), info)
-    distributed.barrier()  # as run_stage does: both ranks done before either tears the group down
+    distributed.finish()  # as run_stage does: both ranks done before either tears the group down
 finally:
     distributed.cleanup()
 """
