@@ -20,6 +20,7 @@ import yaml
 
 from benchmark import accel, distributed
 from benchmark.dag import Node
+from benchmark.host_cpu import cpu_facts
 from benchmark.monitor import Ledger
 from benchmark.registry import import_plugins
 from benchmark.stages import runner
@@ -68,6 +69,7 @@ def run_node(node: Node) -> dict:
               # interval). On the CPU: process-hours.
               "device_hours": ledger.device_hours(), "attempts": ledger.attempts(),
               "world_size": info.world_size, "device": device, "host": socket.gethostname(),
+              "cpu": cpu_facts(),  # hosts differ in bf16 kernels, so in rounding and speed
               "torch": torch.__version__, "python": platform.python_version(),
               "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json(node.record_path, record)

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark import config
 from benchmark.dag import latent_shape
+from benchmark.host_cpu import bf16_label, cpu_facts
 from benchmark.host_memory import peak_rss_mb, reset_peak_rss
 from benchmark.store import write_json, write_text
 
@@ -68,8 +69,9 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 5, device: torch.
 def measure_peak(dtype: torch.dtype, sizes: tuple[int, ...] = (1024, 2048, 4096), reps: int = 10) -> dict:
     """The matmul peak of ``dtype`` on the current thread count: the best median over sizes.
 
-    This CPU has AMX (amx_bf16 in /proc/cpuinfo): oneDNN's bf16 kernels run 6x the fp32 rate.
-    Measured on the idle machine (medians of 15 after 2 warm-ups): 2 threads fp32 318-332 and
+    On a CPU with AMX (amx_bf16 in /proc/cpuinfo) oneDNN's bf16 kernels run 6x the fp32 rate;
+    with AVX512-BF16 alone, less (benchmark.host_cpu names the host's; the report records it).
+    Measured on an idle AMX host (medians of 15 after 2 warm-ups): 2 threads fp32 318-332 and
     bf16 1,707-2,176 GFLOP/s over 1024/2048/4096 (2,281 with out=); 1 thread fp32 161-170, bf16
     901-1,216. The first call of each size is 2-6x slower (JIT, packing: 356-1,164), and with
     another process on the cores the 2-thread bf16 medians fell to 720-870. The committed tables
@@ -273,7 +275,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
                           "python": platform.python_version(), "torch": torch.__version__,
                           "cuda": torch.cuda.is_available()},
               "preset": {"tokenizer": cfg["tokenizer"]["preset"], "generator": cfg["generator"]["preset"]},
-              "overrides": overrides, "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
+              "overrides": overrides, "cpu": cpu_facts(), "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
               "matmul_peak_by_size": {"fp32": p32["by_size"], "bf16": p16["by_size"]}, "cases": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     # The data path (benchmark/datasets/throughput.py): JPEG decode + ADM crop per worker.
@@ -286,7 +288,8 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
     write_json(out_dir / f"perf_{tag}.json", result)
     md = [f"# perf: tokenizer {cfg['tokenizer']['preset']}, generator {cfg['generator']['preset']}",
           "", f"matmul peaks on {torch.get_num_threads()} threads (best median over sizes "
-          f"{'/'.join(map(str, sizes))}): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s (AMX); "
+          f"{'/'.join(map(str, sizes))}): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s ({bf16_label()}) on "
+          f"{cpu_facts()['model']} (family/model {cpu_facts()['family_model']}); "
           f"each step is compared with the peak of the precision it runs in (mixed: bf16 tokenizer with "
           f"fp32 dm networks, against the bf16 peak); medians of {reps} runs.", "",
           "| case | precision | throughput | GFLOP/s | % of its peak | peak RSS (MB) |", "|---|---|---|---|---|---|"]
