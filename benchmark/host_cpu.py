@@ -3,8 +3,8 @@
 Why records carry it: sessions of this project have run on different hosts (one with AMX, one
 an AMD EPYC with AVX512-BF16 and no AMX). oneDNN picks its kernels by instruction set, so the
 same stage key can round differently there (a kl tokenizer in bf16 autocast: its loss differed
-in the 4th digit from the first logged step on) and run at a different speed. ``host`` (the hostname, often just "vm") does
-not tell such machines apart; this does.
+in the 4th digit from the first logged step on) and run at a different speed. ``host`` (the
+hostname, often just "vm") does not tell such machines apart; this does.
 
 A bottom module: standard library only.
 """
