@@ -27,6 +27,7 @@ from benchmark.store import read_json
 # 20 iterations. The bound must still catch a broken data-parallel step: with the gradient
 # all-reduce removed the difference is 0.47-0.49 (outputs) and 0.19 (weights) in both precisions.
 TOL = {"fp32": (1e-4, 1e-3), "bf16": (5e-2, 1e-1)}  # (outputs, non-bias weights), relative
+FAKE_FM_TOL = {"fp32": 1e-4, "bf16": 1e-3}  # the fake network's final loss, relative
 
 
 def _outputs(cfg: dict, path: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,4 +68,7 @@ def test_two_processes_match_one_process(precision, tiny_overrides, tmp_path, mo
     out_tol, weight_tol = TOL[precision]
     assert out <= out_tol and weights <= weight_tol, (out, weights)
     fa, fb = (read_json(d / "final_logs.json") for d in (da, db))
-    assert fa["fake_fm"] == pytest.approx(fb["fake_fm"], rel=1e-4)  # fake network in step
+    # The fake network in step. It trains in fp32 on the tokenizer's latents, which under bf16
+    # differ between the two runs by ~1.4e-2 (above): its loss then differed by 1.7e-4 relative on
+    # an AMD EPYC host without AMX (2026-12-04 CI; below 1e-4 on the host that set the bound).
+    assert fa["fake_fm"] == pytest.approx(fb["fake_fm"], rel=FAKE_FM_TOL[precision])
