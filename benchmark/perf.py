@@ -271,11 +271,12 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
                      "fraction_of_peak": gflops / peaks[prec], "peak_rss_mb": peak_rss_mb()})
         log.info("%-48s %9.1f %-9s %6.1f GFLOP/s (%4.0f%% of the %s peak)", name, items / med, unit,
                  gflops, 100 * gflops / peaks[prec], "bf16" if prec == "mixed" else prec)
-    result = {"machine": {"cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+    cpu = cpu_facts()
+    result = {"machine": {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "cuda": torch.cuda.is_available()},
               "preset": {"tokenizer": cfg["tokenizer"]["preset"], "generator": cfg["generator"]["preset"]},
-              "overrides": overrides, "cpu": cpu_facts(), "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
+              "overrides": overrides, "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
               "matmul_peak_by_size": {"fp32": p32["by_size"], "bf16": p16["by_size"]}, "cases": rows}
     out_dir.mkdir(parents=True, exist_ok=True)
     # The data path (benchmark/datasets/throughput.py): JPEG decode + ADM crop per worker.
@@ -289,7 +290,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
     md = [f"# perf: tokenizer {cfg['tokenizer']['preset']}, generator {cfg['generator']['preset']}",
           "", f"matmul peaks on {torch.get_num_threads()} threads (best median over sizes "
           f"{'/'.join(map(str, sizes))}): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s ({bf16_label()}) on "
-          f"{cpu_facts()['model']} (family/model {cpu_facts()['family_model']}); "
+          f"{cpu['model']} (family/model {cpu['family_model']}); "
           f"each step is compared with the peak of the precision it runs in (mixed: bf16 tokenizer with "
           f"fp32 dm networks, against the bf16 peak); medians of {reps} runs.", "",
           "| case | precision | throughput | GFLOP/s | % of its peak | peak RSS (MB) |", "|---|---|---|---|---|---|"]

@@ -25,4 +25,7 @@ def test_perf_harness_runs_tiny(tmp_path):
                         for c in bf16)
     data = json.loads(next(tmp_path.glob("perf_*.json")).read_text())
     assert data["cases"] == res["cases"]
-    assert "% of its peak" in next(tmp_path.glob("perf_*.md")).read_text()
+    from benchmark.host_cpu import cpu_facts
+    assert data["machine"]["cpu"] == cpu_facts()  # which host's kernels the peaks are of
+    md = next(tmp_path.glob("perf_*.md")).read_text()
+    assert "% of its peak" in md and cpu_facts()["model"] in md
