@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from benchmark import config
 from benchmark.dag import latent_shape
 from benchmark.logs import setup_logging
+from benchmark.host_cpu import bf16_label, cpu_facts
 from benchmark.host_memory import peak_rss_mb
 from benchmark.perf import count_flops, matmul_peak, measure_peak, sync, tokenizer_step
 from benchmark.plan import GPU_PEAKS
@@ -197,7 +197,9 @@ def run(tiny: bool, steps: int, out_dir: Path) -> dict:
         rows.append(row)
     train_mfu = [r["mfu"] for r in rows if r.get("mfu") is not None and r["case"].startswith(TRAINING)]
     result = {"gpu": name, "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                      else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"),
+                                      # hosts differ in speed and rounding: name the model and its bf16 path
+                                      else f"CPU ({cpu_facts()['model']}, {bf16_label()}, "
+                                           f"{torch.get_num_threads()} threads)"),
               "torch": torch.__version__, "tiny": tiny, "bf16_peak_tflops": peak / 1e12, "peak_source": peak_src,
               "mfu": statistics.median(train_mfu) if train_mfu else None, "all_finite": all(r.get("finite") for r in rows),
               "steps": steps, "seconds": time.perf_counter() - t_all, "cases": rows}

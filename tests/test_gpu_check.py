@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from benchmark import gpu_check, plan
+from benchmark.host_cpu import cpu_facts
 
 
 @pytest.mark.slow
@@ -21,6 +22,8 @@ def test_gpu_check_tiny_on_cpu(tmp_path, monkeypatch):
         assert r["finite"] and r["throughput"] > 0 and 0 < r["mfu"] < 1.5, r
     assert res["all_finite"] and 0 < res["mfu"] < 1
     assert "| generator step (flow matching) |" in (tmp_path / "gpu-cpu.md").read_text()
+    # On the CPU the label names the host's model (hosts differ in speed and rounding).
+    assert cpu_facts()["model"] in res["device"] and cpu_facts()["model"] in (tmp_path / "gpu-cpu.md").read_text()
     # A measured MFU on record replaces the plan's assumed one for that GPU.
     monkeypatch.setattr(plan, "PROJECT_ROOT", tmp_path.parent)
     (tmp_path.parent / "results" / "perf").mkdir(parents=True)
