@@ -274,3 +274,16 @@ def test_ssl_backbone_node_slice_roles_and_cfg(tmp_path):
     assert n["reference"].deps == {"ssl_backbone": n["ssl_backbone"]}
     # every node carries the full config of the cell that created it (the stage reads it)
     assert all(node.cfg is c for node in n.values())
+
+
+def test_gen_length_grid_measures_the_default_tokenizers(tmp_path):
+    """grid=gen-length trains longer generators on the default sweep's own tokenizers: its first
+    three cells share every key with grid=default's cells but the generator's and gen_eval's,
+    so a finished default sweep is reused and the measurement is about generator length alone."""
+    def per_cell(grid):
+        _, cells = config.load([f"grid={grid}"])
+        return [{s: n.key for s, n in m.items()} for m in dag.build(cells, tmp_path)[1]]
+    default, longer = per_cell("default"), per_cell("gen-length")
+    assert len(longer) == len(default) + 2
+    for d, g in zip(default, longer):
+        assert {s for s in d if d[s] != g[s]} == {"generator", "gen_eval"}

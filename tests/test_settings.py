@@ -155,7 +155,7 @@ def test_every_preset_composes_into_settings(group, preset):
             assert getattr(s, key) == value, key
 
 
-@pytest.mark.parametrize("grid", ["default", "pair", "mini-paper"])
+@pytest.mark.parametrize("grid", ["default", "pair", "mini-paper", "gen-length"])
 def test_every_grid_cell_checks(grid):
     _, cells = config.load([f"grid={grid}"])
     for cell in cells:
