@@ -659,7 +659,7 @@ def stability_sentence(agree: pd.DataFrame) -> str:
 
 
 CONVERGENCE_NOTE = (
-    "Each prior at its best lambda (as in ranking.md); the generator's EMA weights evaluated at 25/50/75% of "
+    "Each prior at its best lambda (as in ranking.md); the generator's EMA weights evaluated at {points}% of "
     "its training steps and at the end (100%: {final}). Entries: mean ± std [± half-width "
     "of the 95% Student-t interval] over seeds, then (#rank among the priors at that snapshot). Spearman's rho "
     "(scipy.stats.spearmanr) compares each snapshot's ranking with the final one and needs {min_shared} "
@@ -673,12 +673,19 @@ def _rho_text(rho: float, n: int) -> str:
     return f"undefined ({n} priors, needs {MIN_SHARED})" if n < MIN_SHARED else "undefined (tied ranks)"
 
 
+def _snapshot_points(long: pd.DataFrame) -> str:
+    """The snapshots' percents of generator training as the text names them, e.g. '25/50/75' (a
+    sweep may keep others: grid=gen-length keeps 12.5%, named 12 as its column snap012 is)."""
+    return "/".join(str(int(p)) for p in sorted(long["percent"].unique()) if int(p) != 100)
+
+
 def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
                          floors: dict[str, dict[str, float]]) -> str:
     from benchmark.aggregate import markdown
     label = LABELS.get(metric, metric)
     md = [f"# Convergence: {label} against generator training\n",
-          CONVERGENCE_NOTE.format(final=_final_text(long, metric), min_shared=MIN_SHARED)]
+          CONVERGENCE_NOTE.format(final=_final_text(long, metric), min_shared=MIN_SHARED,
+                                  points=_snapshot_points(long))]
     for setting, grp in long.groupby(SETTING, sort=True):
         md.append(f"## {' / '.join(map(str, setting))}\n")
         grp = grp.assign(rank=grp.groupby("percent")["mean"].rank(method="min"))
@@ -744,8 +751,8 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
     agree = snapshot_agreement(long)
     md = convergence_markdown(long, agree, metric, floors)
     label = LABELS.get(metric, metric)
-    caption = (f"Mean {label} over seeds of each prior (at its best lambda) at 25/50/75/100% of generator "
-               "training, EMA weights; bars: 95% Student-t interval over seeds (none with one seed); dashed: "
+    caption = (f"Mean {label} over seeds of each prior (at its best lambda) at {_snapshot_points(long)}/100% "
+               "of generator training, EMA weights; bars: 95% Student-t interval over seeds (none with one seed); dashed: "
                "losses other than dm (the kl baseline); dotted: the real-vs-real floor. Compare the shape with "
                "the paper's gFID against epochs (Table 3).")
     n = pd.to_numeric(wide.get("snapshot_n_samples", pd.Series(dtype=float)), errors="coerce").dropna()
