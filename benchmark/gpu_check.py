@@ -27,7 +27,7 @@ import torch
 from benchmark import config
 from benchmark.dag import latent_shape
 from benchmark.logs import setup_logging
-from benchmark.host_cpu import bf16_label, cpu_facts
+from benchmark.host_cpu import describe
 from benchmark.host_memory import peak_rss_mb
 from benchmark.perf import count_flops, matmul_peak, measure_peak, sync, tokenizer_step
 from benchmark.plan import GPU_PEAKS
@@ -198,8 +198,7 @@ def run(tiny: bool, steps: int, out_dir: Path) -> dict:
     train_mfu = [r["mfu"] for r in rows if r.get("mfu") is not None and r["case"].startswith(TRAINING)]
     result = {"gpu": name, "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
                                       # hosts differ in speed and rounding: name the model and its bf16 path
-                                      else f"CPU ({cpu_facts()['model']}, {bf16_label()}, "
-                                           f"{torch.get_num_threads()} threads)"),
+                                      else f"CPU {describe()}, {torch.get_num_threads()} threads"),
               "torch": torch.__version__, "tiny": tiny, "bf16_peak_tflops": peak / 1e12, "peak_source": peak_src,
               "mfu": statistics.median(train_mfu) if train_mfu else None, "all_finite": all(r.get("finite") for r in rows),
               "steps": steps, "seconds": time.perf_counter() - t_all, "cases": rows}

@@ -47,3 +47,9 @@ def bf16_label() -> str:
     """How a report names the bf16 matmul path of this CPU."""
     return {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16"}.get(cpu_facts()["bf16_matmul_isa"],
                                                                  "no bf16 matrix instructions")
+
+
+def describe() -> str:
+    """This CPU in one phrase for reports (perf, gpu_check): model, family/model and bf16 path."""
+    facts = cpu_facts()
+    return f"{facts['model']} (family/model {facts['family_model']}, bf16: {bf16_label()})"

@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmark import config
 from benchmark.dag import latent_shape
-from benchmark.host_cpu import bf16_label, cpu_facts
+from benchmark.host_cpu import cpu_facts, describe
 from benchmark.host_memory import peak_rss_mb, reset_peak_rss
 from benchmark.store import write_json, write_text
 
@@ -271,8 +271,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
                      "fraction_of_peak": gflops / peaks[prec], "peak_rss_mb": peak_rss_mb()})
         log.info("%-48s %9.1f %-9s %6.1f GFLOP/s (%4.0f%% of the %s peak)", name, items / med, unit,
                  gflops, 100 * gflops / peaks[prec], "bf16" if prec == "mixed" else prec)
-    cpu = cpu_facts()
-    result = {"machine": {"cpu": cpu, "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+    result = {"machine": {"cpu": cpu_facts(), "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "cuda": torch.cuda.is_available()},
               "preset": {"tokenizer": cfg["tokenizer"]["preset"], "generator": cfg["generator"]["preset"]},
@@ -289,8 +288,7 @@ def run(overrides: list[str], reps: int, quick: bool, out_dir: Path, data_root: 
     write_json(out_dir / f"perf_{tag}.json", result)
     md = [f"# perf: tokenizer {cfg['tokenizer']['preset']}, generator {cfg['generator']['preset']}",
           "", f"matmul peaks on {torch.get_num_threads()} threads (best median over sizes "
-          f"{'/'.join(map(str, sizes))}): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s ({bf16_label()}) on "
-          f"{cpu['model']} (family/model {cpu['family_model']}); "
+          f"{'/'.join(map(str, sizes))}): fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s on {describe()}; "
           f"each step is compared with the peak of the precision it runs in (mixed: bf16 tokenizer with "
           f"fp32 dm networks, against the bf16 peak); medians of {reps} runs.", "",
           "| case | precision | throughput | GFLOP/s | % of its peak | peak RSS (MB) |", "|---|---|---|---|---|---|"]

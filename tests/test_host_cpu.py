@@ -35,6 +35,8 @@ def test_this_host_and_its_stage_records(tiny_overrides):
     facts = host_cpu.cpu_facts()
     assert set(facts) == {"model", "family_model", "bf16_matmul_isa"}
     assert facts["bf16_matmul_isa"] in ("amx_bf16", "avx512_bf16", "none", "unknown")
+    # the one phrase reports (perf, gpu_check) name the host by
+    assert host_cpu.describe().startswith(facts["model"]) and host_cpu.bf16_label() in host_cpu.describe()
     from benchmark import grid
     from benchmark.launch import run_node
     _, _, order, _, _ = grid.prepare([*tiny_overrides, "prior=gaussian", "loss=kl"])
