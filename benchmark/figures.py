@@ -640,6 +640,43 @@ def snapshot_agreement(long: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=SETTING + ["percent", "n_priors", "spearman_rho", "p_value", "same_order"])
 
 
+# Issue #16's target for telling priors apart: every prior's 95% half-width over seeds at most this
+# share of the range of the priors' means (the same rule the README applies to the mini-paper's cells).
+SEPARATION_SHARE = 0.25
+
+
+def snapshot_separation(long: pd.DataFrame) -> pd.DataFrame:
+    """Per setting and snapshot, the end (100%) included: the range of the priors' means, the
+    widest 95% half-width over seeds and its prior, and how many priors' half-widths are at most
+    SEPARATION_SHARE of the range, i.e. at which generator length seed noise is small beside the
+    spread between priors. Half-widths need two seeds; with fewer, ``n_with_interval`` is 0."""
+    rows = []
+    for setting, grp in long.groupby(SETTING, sort=True):
+        for pct, snap in grp.groupby("percent", sort=True):
+            snap = snap[snap["mean"].notna()]
+            spread = float(snap["mean"].max() - snap["mean"].min()) if len(snap) >= 2 else math.nan
+            ci = snap["ci95"][snap["ci95"].notna()]
+            widest = snap.loc[ci.idxmax()] if len(ci) else None
+            rows.append({**dict(zip(SETTING, setting)), "percent": int(pct), "n_priors": len(snap),
+                         "n_with_interval": len(ci), "range": spread,
+                         "max_ci95": float(ci.max()) if len(ci) else math.nan,
+                         "widest": "" if widest is None else f"{widest['prior']}/{widest['loss']}",
+                         "n_within": int((ci <= SEPARATION_SHARE * spread).sum())})
+    return pd.DataFrame(rows, columns=SETTING + ["percent", "n_priors", "n_with_interval", "range", "max_ci95",
+                                                 "widest", "n_within"])
+
+
+def separation_sentence(sep: pd.DataFrame) -> str:
+    """One setting's verdict: at which snapshots is every prior's half-width within the target?"""
+    if sep.empty or sep["n_with_interval"].max() == 0:
+        return "Seed noise against the spread needs two seeds per prior: not measured."
+    met = sep.loc[(sep["n_with_interval"] == sep["n_priors"]) & (sep["n_within"] == sep["n_priors"]), "percent"]
+    rule = f"every prior's 95% half-width at most {SEPARATION_SHARE:g} of the range of the means"
+    if met.empty:
+        return f"Seed noise is not small beside the spread at any snapshot ({rule})."
+    return f"Seed noise is small beside the spread ({rule}) at {', '.join(f'{p}%' for p in met)}."
+
+
 def stability_sentence(agree: pd.DataFrame) -> str:
     """One setting's verdict: is the order of the priors the same at every snapshot as at the end?"""
     if agree.empty:
@@ -664,7 +701,9 @@ CONVERGENCE_NOTE = (
     "of the 95% Student-t interval] over seeds, then (#rank among the priors at that snapshot). Spearman's rho "
     "(scipy.stats.spearmanr) compares each snapshot's ranking with the final one and needs {min_shared} "
     "priors; `same order` means identical ranks. Orders compare means only: neighbours that the final "
-    "ranking cannot tell apart (ranking.md, Welch's test) may swap by seed noise alone.\n")
+    "ranking cannot tell apart (ranking.md, Welch's test) may swap by seed noise alone. The last table "
+    "puts seed noise beside the spread at each snapshot: the range of the priors' means, the widest 95% "
+    "half-width, and how many priors' half-widths are at most {share:g} of that range.\n")
 
 
 def _rho_text(rho: float, n: int) -> str:
@@ -683,9 +722,10 @@ def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
                          floors: dict[str, dict[str, float]]) -> str:
     from benchmark.aggregate import markdown
     label = LABELS.get(metric, metric)
+    separation = snapshot_separation(long)
     md = [f"# Convergence: {label} against generator training\n",
           CONVERGENCE_NOTE.format(final=_final_text(long, metric), min_shared=MIN_SHARED,
-                                  points=_snapshot_points(long))]
+                                  points=_snapshot_points(long), share=SEPARATION_SHARE)]
     for setting, grp in long.groupby(SETTING, sort=True):
         md.append(f"## {' / '.join(map(str, setting))}\n")
         grp = grp.assign(rank=grp.groupby("percent")["mean"].rank(method="min"))
@@ -708,6 +748,17 @@ def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
                              "p": a["p_value"], "same order as final": a["same_order"].map({True: "yes", False: "no"})})
         md.append(markdown(rows, list(rows.columns)))
         md.append("\n" + stability_sentence(a) + "\n")
+        sep = separation[(separation[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        spread = pd.DataFrame({
+            "snapshot": [f"{p}%" for p in sep["percent"]],
+            "step": [steps.get(p, math.nan) for p in sep["percent"]],
+            "range of the means": sep["range"],
+            "widest 95% half-width": [f"{w:.3g} ({who})" if who else "–" for w, who in zip(sep["max_ci95"], sep["widest"])],
+            "half-width / range": sep["max_ci95"] / sep["range"],
+            f"priors within {SEPARATION_SHARE:g} of the range": [
+                f"{k} of {n}" if m else "–" for k, n, m in zip(sep["n_within"], sep["n_priors"], sep["n_with_interval"])]})
+        md.append(markdown(spread, list(spread.columns)))
+        md.append("\n" + separation_sentence(sep) + "\n")
     return "\n".join(md)
 
 
@@ -758,8 +809,10 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
     n = pd.to_numeric(wide.get("snapshot_n_samples", pd.Series(dtype=float)), errors="coerce").dropna()
     if n.nunique() == 1:
         caption += f" Snapshots scored on {int(n.iloc[0])} generated samples each."
+    separation = snapshot_separation(long)
     for setting, a in agree.groupby(SETTING, sort=True):
-        caption += f" {' / '.join(map(str, setting))}: {stability_sentence(a)}"
+        sep = separation[(separation[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        caption += f" {' / '.join(map(str, setting))}: {stability_sentence(a)} {separation_sentence(sep)}"
     return convergence_figure(long, metric, floors, title), caption, md
 
 

@@ -240,6 +240,29 @@ def test_snapshot_agreement_by_hand():
         "Not stable: the order of the priors still differs from the final one at 75%.")
 
 
+def test_snapshot_separation_by_hand():
+    """Seed noise beside the spread at each snapshot: the snapshots' seeds agree (half-width 0), the
+    final values differ by 2 between seeds (half-width t(0.975, 1) = 12.7 > a quarter of the range 20)."""
+    _, long = figures.convergence_summary(_snapshot_sweep())
+    sep = figures.snapshot_separation(long).set_index("percent")
+    assert sep["range"].tolist() == [20.0, 15.0, 20.0, 20.0]  # 60-40, 45-30, 35-15, 31-11
+    assert sep.loc[25, "max_ci95"] == 0.0 and sep.loc[25, "n_within"] == 3 and sep.loc[25, "n_with_interval"] == 3
+    assert sep.loc[100, "max_ci95"] == pytest.approx(T1) and sep.loc[100, "n_within"] == 0
+    assert figures.separation_sentence(sep.reset_index()) == (
+        "Seed noise is small beside the spread (every prior's 95% half-width at most 0.25 of the range of the "
+        "means) at 25%, 50%, 75%.")
+    # One prior's final seeds 10 and 12 -> 10 and 10.5 (std 0.354, half-width 3.18 <= 20/4): still two above.
+    wide = _snapshot_sweep()
+    wide.loc[(wide["prior"] == "a") & (wide["seed"] == 1), "fd_domain"] = 10.5
+    sep = figures.snapshot_separation(figures.convergence_summary(wide)[1]).set_index("percent")
+    assert sep.loc[100, "n_within"] == 1 and sep.loc[100, "widest"] in ("b/dm", "c/dm")
+    assert "at 100%" not in figures.separation_sentence(sep.reset_index())
+    # One seed: no interval, so nothing is claimed.
+    one = figures.snapshot_separation(figures.convergence_summary(_snapshot_sweep().query("seed == 0"))[1])
+    assert (one["n_with_interval"] == 0).all()
+    assert figures.separation_sentence(one) == "Seed noise against the spread needs two seeds per prior: not measured."
+
+
 def test_convergence_prefers_snap100_at_the_snapshot_count():
     """The final EMA scored like the snapshots (snap100_*, same sample count) is the 100% point."""
     wide = _snapshot_sweep().assign(snap100_fd_domain=lambda d: d["fd_domain"] + 4.0, floor_fd_snap_domain=5.0)
@@ -278,6 +301,7 @@ def test_convergence_files_written_and_removed(tmp_path):
     md = (out / "figures" / "convergence.md").read_text()
     assert "| a | dm | 1 | 2 | 50 ± 0 [±0] (#2) | 30 ± 0 [±0] (#1) | 15 ± 0 [±0] (#1) | 11 ± 1.4 [±13] (#1) |" in md
     assert "| 25% | 200 | 3 | 0.500 | 0.6667 | no |" in md and "real-vs-real floor (train vs test, same counts): fd_domain 2." in md
+    assert "| 100% | – | 20 | 12.7 (a/dm) | 0.6353 | 0 of 3 |" in md and "| 25% | 200 | 20 | 0 (a/dm) | 0 | 3 of 3 |" in md
     page = report.write_report(sweep, out, None).read_text()
     assert "Convergence: FD_domain against generator training" in page and "id='convergence'" in page
     # The same sweep without snapshot columns: the convergence outputs go, and the manifest says why.
