@@ -666,6 +666,12 @@ def snapshot_separation(long: pd.DataFrame) -> pd.DataFrame:
                                                  "widest", "n_within"])
 
 
+def _of_setting(frame: pd.DataFrame, setting: tuple) -> pd.DataFrame:
+    """The rows of one setting (dataset, tokenizer, generator); compared as text, as groupby keys
+    and a frame's columns may hold the same value with different types."""
+    return frame[(frame[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+
+
 def separation_sentence(sep: pd.DataFrame) -> str:
     """One setting's verdict: at which snapshots is every prior's half-width within the target?"""
     if sep.empty or sep["n_with_interval"].max() == 0:
@@ -739,7 +745,7 @@ def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
         md.append(markdown(table, list(table.columns)))
         md.append("\n" + floor_sentence({m: v for m, v in floors.get(str(setting[0]), {}).items()
                                           if m in (metric, _snap_floor(metric)) or m.startswith("n_snap")}) + "\n")
-        a = agree[(agree[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        a = _of_setting(agree, setting)
         steps = grp.groupby("percent")["step"].agg(lambda s: s.iloc[0] if s.nunique() == 1 else math.nan)
         rows = pd.DataFrame({"snapshot": [f"{p}%" for p in a["percent"]],
                              "step": [steps.get(p, math.nan) for p in a["percent"]],
@@ -748,7 +754,7 @@ def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
                              "p": a["p_value"], "same order as final": a["same_order"].map({True: "yes", False: "no"})})
         md.append(markdown(rows, list(rows.columns)))
         md.append("\n" + stability_sentence(a) + "\n")
-        sep = separation[(separation[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        sep = _of_setting(separation, setting)
         spread = pd.DataFrame({
             "snapshot": [f"{p}%" for p in sep["percent"]],
             "step": [steps.get(p, math.nan) for p in sep["percent"]],
@@ -811,7 +817,7 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
         caption += f" Snapshots scored on {int(n.iloc[0])} generated samples each."
     separation = snapshot_separation(long)
     for setting, a in agree.groupby(SETTING, sort=True):
-        sep = separation[(separation[SETTING].astype(str) == [str(v) for v in setting]).all(axis=1)]
+        sep = _of_setting(separation, setting)
         caption += f" {' / '.join(map(str, setting))}: {stability_sentence(a)} {separation_sentence(sep)}"
     return convergence_figure(long, metric, floors, title), caption, md
 
