@@ -724,11 +724,10 @@ def _snapshot_points(long: pd.DataFrame) -> str:
     return "/".join(str(int(p)) for p in sorted(long["percent"].unique()) if int(p) != 100)
 
 
-def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, metric: str,
+def convergence_markdown(long: pd.DataFrame, agree: pd.DataFrame, separation: pd.DataFrame, metric: str,
                          floors: dict[str, dict[str, float]]) -> str:
     from benchmark.aggregate import markdown
     label = LABELS.get(metric, metric)
-    separation = snapshot_separation(long)
     md = [f"# Convergence: {label} against generator training\n",
           CONVERGENCE_NOTE.format(final=_final_text(long, metric), min_shared=MIN_SHARED,
                                   points=_snapshot_points(long), share=SEPARATION_SHARE)]
@@ -805,8 +804,8 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
     """(figure, caption, convergence.md); raises Skip without snapshot columns."""
     metric, long = convergence_summary(wide)
     floors = floor_values(wide)
-    agree = snapshot_agreement(long)
-    md = convergence_markdown(long, agree, metric, floors)
+    agree, separation = snapshot_agreement(long), snapshot_separation(long)
+    md = convergence_markdown(long, agree, separation, metric, floors)
     label = LABELS.get(metric, metric)
     caption = (f"Mean {label} over seeds of each prior (at its best lambda) at {_snapshot_points(long)}/100% "
                "of generator training, EMA weights; bars: 95% Student-t interval over seeds (none with one seed); dashed: "
@@ -815,7 +814,6 @@ def convergence(wide: pd.DataFrame, title: str) -> tuple[Any, str, str]:
     n = pd.to_numeric(wide.get("snapshot_n_samples", pd.Series(dtype=float)), errors="coerce").dropna()
     if n.nunique() == 1:
         caption += f" Snapshots scored on {int(n.iloc[0])} generated samples each."
-    separation = snapshot_separation(long)
     for setting, a in agree.groupby(SETTING, sort=True):
         sep = _of_setting(separation, setting)
         caption += f" {' / '.join(map(str, setting))}: {stability_sentence(a)} {separation_sentence(sep)}"
