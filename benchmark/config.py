@@ -184,8 +184,28 @@ def _cells_for(overrides: list[str], optional: list[tuple[str, Any]] = ()) -> tu
         for seed in grid.get("seeds", [0]):
             cfg = OmegaConf.to_container(cfg_dc, resolve=True)
             cfg["seed"] = int(seed)
+            derive_epochs(cfg)
             cells.append(Cell(cfg, int(seed)))
     return OmegaConf.to_container(base, resolve=True), cells
+
+
+def derive_epochs(cfg: dict[str, Any]) -> None:
+    """Set ``generator.epochs`` (documentation: tables, figures, ``--cfg job``) from what the
+    generator stage runs, steps x batch_size / train_images, so that a grid or a command line that
+    changes ``generator.steps`` cannot leave a stale epoch count behind. A stated value (``epochs``
+    is not a setting of its own) must agree within 1%: it would otherwise read as a request for a
+    training length that nothing runs."""
+    g = cfg.get("generator")
+    if not isinstance(g, dict) or not all(isinstance(g.get(k), (int, float)) for k in ("steps", "batch_size", "train_images")):
+        return
+    derived = round(g["steps"] * g["batch_size"] / g["train_images"], 4)
+    stated = g.get("epochs")
+    if stated is not None and abs(float(stated) - derived) > 0.01 * derived:
+        raise ValueError(f"generator.epochs={stated} disagrees with generator.steps={g['steps']} x batch_size="
+                         f"{g['batch_size']} / train_images={g['train_images']} = {derived:g} epochs: epochs is "
+                         f"derived from those three; set generator.steps (e.g. generator.steps="
+                         f"{round(float(stated) * g['train_images'] / g['batch_size'])}) instead")
+    g["epochs"] = derived
 
 
 def _missing_root(dataset: dict[str, Any]) -> str | None:

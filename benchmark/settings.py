@@ -150,7 +150,7 @@ class GeneratorSettings(Settings):
     preset: str
     reproduces: Optional[str] = None
     description: Optional[str] = None
-    epochs: Optional[float] = None   # steps * batch_size / train_images (tests/test_presets.py checks it)
+    epochs: Optional[float] = None   # derived by benchmark/config.py: steps * batch_size / train_images
     # model
     model: str                       # generators.GENERATORS size name (Tiny, S, ..., XL)
     model_args: dict = field(default_factory=dict)  # generator kwargs (patch_size, ...), a plug-in section

@@ -15,12 +15,12 @@ def _names(group):
 
 
 @pytest.mark.parametrize("preset", _names("generator"))
-def test_generator_preset_epochs_match_steps(preset):
+def test_generator_preset_states_what_it_is(preset):
     _, (cell,) = config.load(["grid=single", f"generator={preset}"])
     g = cell.cfg["generator"]
     assert g["preset"] == preset and g["reproduces"].strip()
     assert g["model"] in GENERATORS
-    assert _epochs(g) == pytest.approx(g["epochs"], rel=0.01), (preset, _epochs(g))
+    assert g["epochs"] == pytest.approx(_epochs(g), abs=1e-4), (preset, g["epochs"])
 
 
 def _epochs(g: dict) -> float:
@@ -28,19 +28,34 @@ def _epochs(g: dict) -> float:
 
 
 @pytest.mark.parametrize("grid", ["default", "pair", "mini-paper", "gen-length"])
-def test_grid_generator_epochs_match_steps(grid):
-    # mini-paper and gen-length set generator.steps and the documenting generator.epochs by hand
-    # in their base overrides; the preset check above does not see those.
+def test_grid_generator_epochs_follow_steps(grid):
+    # mini-paper and gen-length change generator.steps in their base overrides: the epochs their
+    # tables and figures show must be those steps', not the preset's.
     _, cells = config.load([f"grid={grid}"])
     for cell in cells:
         g = cell.cfg["generator"]
-        assert _epochs(g) == pytest.approx(g["epochs"], rel=0.01), (grid, cell.cfg["prior"]["name"], _epochs(g))
+        assert g["epochs"] == pytest.approx(_epochs(g), abs=1e-4), (grid, cell.cfg["prior"]["name"], g["epochs"])
+    if grid == "mini-paper":
+        assert {cell.cfg["generator"]["epochs"] for cell in cells} == {15.36}
+
+
+def test_epochs_follow_a_command_line_steps_override():
+    _, (cell,) = config.load(["grid=single", "generator.steps=800"])
+    assert cell.cfg["generator"]["epochs"] == 5.12  # 800 x 128 / 20,000
+
+
+def test_stated_epochs_that_disagree_with_steps_are_refused():
+    with pytest.raises(ValueError, match=r"generator.epochs=64 disagrees .* set generator.steps \(e.g. generator.steps=10000\)"):
+        config.load(["grid=single", "+generator.epochs=64"])
+    # a value that agrees (within 1%) is accepted and replaced by the derived one
+    _, (cell,) = config.load(["grid=single", "+generator.epochs=2.55"])
+    assert cell.cfg["generator"]["epochs"] == 2.56
 
 
 def test_paper_generator_is_lightningdit_xl1_64_epochs():
     _, (cell,) = config.load(["grid=single", "generator=paper-in256"])
     g = cell.cfg["generator"]
-    assert (g["model"], g["model_args"]["patch_size"], g["batch_size"], g["epochs"]) == ("XL", 1, 1024, 64)
+    assert (g["model"], g["model_args"]["patch_size"], g["batch_size"], round(g["epochs"], 2)) == ("XL", 1, 1024, 64)
     assert (g["lr"], tuple(g["betas"]), g["ema_decay"], g["label_dropout"]) == (2e-4, (0.9, 0.95), 0.9999, 0.1)
 
 
