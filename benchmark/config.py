@@ -36,7 +36,7 @@ class Cell:
     @property
     def keys(self) -> dict[str, Any]:
         c = self.cfg
-        tok = c["tokenizer"]["preset"]
+        tok = c["tokenizer"].get("label") or c["tokenizer"]["preset"]
         if c["tokenizer"].get("design", "stage1") != "stage1":
             # Two designs of one preset are two table rows (grid=design), not seeds of one row.
             tok = f"{tok} ({c['tokenizer']['design']} design)"

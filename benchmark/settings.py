@@ -100,6 +100,9 @@ class TokenizerSettings(Settings):
     preset: str
     reproduces: Optional[str] = None
     description: Optional[str] = None
+    # The tokenizer column of the tables when a grid varies a setting of one preset (grid=dm-length:
+    # the DM phase's length), so those cells are rows of their own, not seeds of one row.
+    label: Optional[str] = None
     # plug-in sections, built by tokenizers.build_tokenizer / PatchGAN from the raw dicts
     encoder: dict
     decoder: dict

@@ -76,3 +76,20 @@ def test_tokenizer_preset_consistent(preset):
         x = torch.rand(1, cell.cfg["dataset"]["channels"], *(2 * [cell.cfg["dataset"]["resolution"]]))
         assert tuple(tok.encode(x).shape[1:]) == (c, h, w)
     assert t["checkpoint_every"] > 0 and t["warmup_iters"] + t["match_iters"] + t["finetune_iters"] > 0
+
+
+def test_dm_length_grid_rows_and_shared_cells(tmp_path):
+    """grid=dm-length: each phase length is a table row of its own (tokenizer.label), the label
+    changes no stage key, and its 800-iteration cells are the mini-paper's seed-0 cells."""
+    _, cells = config.load(["grid=dm-length"])
+    rows = {(c.keys["prior"], c.keys["loss"], c.keys["tokenizer"]) for c in cells}
+    assert len(rows) == len(cells) == 9
+    assert {c.cfg["tokenizer"]["match_iters"] for c in cells} == {800, 2400, 4800}
+    _, paper = config.load(["grid=mini-paper"])
+    own = {n.key for n in dag.build(cells, tmp_path)[0]}
+    shared = {n.key for n in dag.build([c for c in paper if c.seed == 0], tmp_path)[0]}
+    base = [c for c in cells if c.cfg["tokenizer"]["match_iters"] == 800]
+    assert {n.key for n in dag.build(base, tmp_path)[0]} <= shared
+    labelled = [c for c in cells if c.cfg["tokenizer"].get("label")]
+    unlabelled = [dict(c.cfg, tokenizer={k: v for k, v in c.cfg["tokenizer"].items() if k != "label"}) for c in labelled]
+    assert {n.key for n in dag.build([config.Cell(u, 0) for u in unlabelled], tmp_path)[0]} <= own
