@@ -27,7 +27,7 @@ def _epochs(g: dict) -> float:
     return g["steps"] * g["batch_size"] / g["train_images"]
 
 
-@pytest.mark.parametrize("grid", ["default", "pair", "mini-paper", "gen-length"])
+@pytest.mark.parametrize("grid", ["default", "pair", "mini-paper", "gen-length", "dm-length"])
 def test_grid_generator_epochs_follow_steps(grid):
     # mini-paper and gen-length change generator.steps in their base overrides: the epochs their
     # tables and figures show must be those steps', not the preset's.
