@@ -198,6 +198,9 @@ def derive_epochs(cfg: dict[str, Any]) -> None:
     g = cfg.get("generator")
     if not isinstance(g, dict) or not all(isinstance(g.get(k), (int, float)) for k in ("steps", "batch_size", "train_images")):
         return
+    for k in ("steps", "batch_size", "train_images"):
+        if g[k] <= 0:  # checked here, before any stage: every generator stage divides by them
+            raise ValueError(f"generator.{k} must be positive, got {g[k]}")
     derived = round(g["steps"] * g["batch_size"] / g["train_images"], 4)
     stated = g.get("epochs")
     if stated is not None and abs(float(stated) - derived) > 0.01 * derived:

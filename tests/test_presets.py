@@ -52,6 +52,11 @@ def test_stated_epochs_that_disagree_with_steps_are_refused():
     assert cell.cfg["generator"]["epochs"] == 2.56
 
 
+def test_generator_sizes_must_be_positive():
+    with pytest.raises(ValueError, match=r"generator.train_images must be positive, got 0"):
+        config.load(["grid=single", "generator.train_images=0"])
+
+
 def test_paper_generator_is_lightningdit_xl1_64_epochs():
     _, (cell,) = config.load(["grid=single", "generator=paper-in256"])
     g = cell.cfg["generator"]
