@@ -20,6 +20,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from benchmark.registry import RegistryError, import_plugins
+from benchmark.settings import GENERATOR_SIZE_KEYS, generator_epochs
 from benchmark.store import stable_hash
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,12 @@ def derive_epochs(cfg: dict[str, Any]) -> None:
     is not a setting of its own) must agree within 1%: it would otherwise read as a request for a
     training length that nothing runs."""
     g = cfg.get("generator")
-    if not isinstance(g, dict) or not all(isinstance(g.get(k), (int, float)) for k in ("steps", "batch_size", "train_images")):
+    if not isinstance(g, dict) or not all(isinstance(g.get(k), (int, float)) for k in GENERATOR_SIZE_KEYS):
         return
-    for k in ("steps", "batch_size", "train_images"):
+    for k in GENERATOR_SIZE_KEYS:
         if g[k] <= 0:  # checked here, before any stage: every generator stage divides by them
             raise ValueError(f"generator.{k} must be positive, got {g[k]}")
-    derived = round(g["steps"] * g["batch_size"] / g["train_images"], 4)
+    derived = round(generator_epochs(g), 4)
     stated = g.get("epochs")
     if stated is not None and abs(float(stated) - derived) > 0.01 * derived:
         raise ValueError(f"generator.epochs={stated} disagrees with generator.steps={g['steps']} x batch_size="

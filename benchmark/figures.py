@@ -49,6 +49,7 @@ from benchmark.aggregate import (DOMAIN_METRICS, INTERVAL_METRICS, KEY_COLS, LAB
                                  as_float, floor_sentence, floor_values, mean_pm, over_seeds, palette,
                                  point_name as _name, primary_metric, tradeoff_figure)
 from benchmark.export import PAPER_DIR, find_sweeps
+from benchmark.settings import generator_epochs
 from benchmark.store import read_json, save_figure, write_json, write_text
 
 log = logging.getLogger("benchmark.figures")
@@ -108,8 +109,8 @@ def paper_reference(prior: str, loss: str) -> str | None:
 
 def _epochs(cfg: dict[str, Any]) -> float | None:
     g = cfg.get("generator", {})
-    try:  # the same formula tests/test_presets.py checks against each preset's stated epochs
-        return float(g["steps"]) * float(g["batch_size"]) / float(g["train_images"])
+    try:  # from the sizes, as the config derives it: a stored config may predate that derivation
+        return generator_epochs(g)
     except (KeyError, TypeError, ZeroDivisionError):
         return float(g["epochs"]) if g.get("epochs") is not None else None
 

@@ -144,6 +144,16 @@ class TokenizerSettings(Settings):
         return {"lr": self.match_lr or self.lr, "warmup_steps": self.lr_warmup_steps, "grad_clip": self.grad_clip}
 
 
+GENERATOR_SIZE_KEYS = ("steps", "batch_size", "train_images")
+
+
+def generator_epochs(gen: dict[str, Any]) -> float:
+    """Epochs a generator section trains: steps x batch_size / train_images. One formula for the
+    config (benchmark/config.py sets ``generator.epochs`` from it) and for figures reading stored
+    cell configs; raises KeyError, TypeError or ZeroDivisionError where a section lacks them."""
+    return float(gen["steps"]) * float(gen["batch_size"]) / float(gen["train_images"])
+
+
 @dataclass(frozen=True, kw_only=True)
 class GeneratorSettings(Settings):
     """``generator`` (benchmark/conf/generator/*.yaml): the latent flow-matching DiT. paper-in256
