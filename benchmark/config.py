@@ -229,6 +229,8 @@ def validate(base: dict[str, Any], cells: list[Cell], missing: list[str] | None 
     loss's is MatchingLoss.validate unless it adds to it) and declares its upstream stages, which
     are resolved here too, so nothing in this function names a prior or a loss."""
     import_plugins(base.get("plugins", []))
+    from benchmark.sweep_cost import grid_budget
+    grid_budget(base)  # a malformed grid.budget stops here, not after the sweep when it is read
     from backbones.base import MissingWeightsError
     from benchmark.dag import latent_shape
     from benchmark.datasets import check_dataset

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import benchmark.stages
 from benchmark.store import stable_hash
@@ -239,3 +239,22 @@ def build(cells: list[Any], run_root: Path) -> tuple[list[Node], list[dict[str, 
         for n in m.values():
             visit(n)
     return order, per_cell
+
+
+def longest_chains(deps: Mapping[str, Iterable[str]], cost: Mapping[str, float]) -> dict[str, float]:
+    """For each key of ``deps`` (key -> the keys it depends on), its own cost plus the costliest
+    chain of stages that depend on it: the work still to run one after another from its start to
+    the end of the graph. Dependencies outside ``deps`` are ignored (finished elsewhere)."""
+    children: dict[str, list[str]] = {k: [] for k in deps}
+    for k, ds in deps.items():
+        for d in ds:
+            if d in children:
+                children[d].append(k)
+    memo: dict[str, float] = {}
+
+    def longest(k: str) -> float:
+        if k not in memo:
+            memo[k] = cost[k] + max((longest(c) for c in children[k]), default=0.0)
+        return memo[k]
+
+    return {k: longest(k) for k in deps}

@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from benchmark import accel, distributed
-from benchmark.dag import Node
+from benchmark.dag import Node, longest_chains
 from benchmark.host_cpu import cpu_facts
 from benchmark.monitor import Ledger
 from benchmark.registry import import_plugins
@@ -178,19 +178,8 @@ STAGE_COST = {"domain_detector": 4.0, "fid_ref": 1.1, "ssl_backbone": 0.9, "refe
 
 def critical_path(nodes: list[Node]) -> dict[str, float]:
     """For each node, the estimated cost of the longest chain from it to the end of the grid."""
-    children: dict[str, list[Node]] = {n.key: [] for n in nodes}
-    for n in nodes:
-        for d in n.deps.values():
-            if d.key in children:
-                children[d.key].append(n)
-    memo: dict[str, float] = {}
-
-    def longest(n: Node) -> float:
-        if n.key not in memo:
-            memo[n.key] = STAGE_COST.get(n.stage, 1.0) + max((longest(c) for c in children[n.key]), default=0.0)
-        return memo[n.key]
-
-    return {n.key: longest(n) for n in nodes}
+    return longest_chains({n.key: [d.key for d in n.deps.values()] for n in nodes},
+                          {n.key: STAGE_COST.get(n.stage, 1.0) for n in nodes})
 
 
 def _run_pool(order: list[Node], workers: int, threads: int) -> dict[str, str]:

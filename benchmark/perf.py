@@ -319,8 +319,22 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/perf"))
     ap.add_argument("--data-root", type=Path, default=None,
                     help="images to time decoding on (e.g. an ImageNet train/ folder); default: synthetic JPEGs")
+    ap.add_argument("--sweep", type=Path, default=None,
+                    help="instead of timing steps: what a finished sweep cost, from its stage records, against "
+                         "its grid's budget (benchmark/sweep_cost.py); a <run_root>/sweeps/<name> directory")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8],
+                    help="with --sweep: worker counts to replay the launcher's schedule on")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.sweep is not None:
+        if a.overrides:
+            ap.error("--sweep reads a finished sweep: hydra overrides do not apply")
+        from benchmark.sweep_cost import report
+        try:
+            report(a.sweep, a.out, a.workers)
+        except (FileNotFoundError, ValueError) as e:
+            ap.exit(2, f"benchmark.perf --sweep: {e}\n")
+        return
     run(a.overrides, a.reps, a.quick, a.out, a.data_root)
 
 

@@ -23,6 +23,7 @@ BAD = [
     ("negative-lambda", ["loss.lambda=-1"], ["loss.lambda must be a finite number >= 0", "-1"]),
     ("unknown-detector", ["eval.detector=dinov2"], ["unknown detector 'dinov2'", "inception-v3-compat"]),
     ("misspelled-key", ["+loss.teacher_stepz=5"], ["`loss.teacher_stepz`", "did you mean `loss.teacher_steps`"]),
+    ("bad-budget", ["+grid.budget={minutes: 15}"], ["grid.budget must be {minutes: <number>, workers: <int>}"]),
     ("preset-does-not-fit-dataset", ["tokenizer=paper-in256", "generator=paper-in256"],
      ["decodes to 256 px", "is 32 px", "tokenizer=paper-in256 does not fit"]),
 ]

@@ -62,6 +62,33 @@ def test_default_grid_end_to_end_and_rerun_skips(tiny_overrides, tmp_path, caplo
     assert grid.main(tiny_overrides) == 0
     assert "0 to run" in caplog.text
     assert {p: p.stat().st_mtime_ns for p in stages.glob("*/*/record.json")} == records
+    _check_sweep_cost(sweep, stages, tmp_path / "perf")
+
+
+def _check_sweep_cost(sweep: Path, stages: Path, out: Path) -> None:
+    """`benchmark.perf --sweep` on the finished sweep: its sums are the records', its replay of
+    the launcher on one worker is that sum and on many the longest chain; an unfinished sweep is
+    refused with a pointer to benchmark.status."""
+    from benchmark import perf
+    perf.main(["--sweep", str(sweep), "--out", str(out), "--workers", "1", "2", "64"])
+    rep = json.loads((out / f"sweep_{sweep.name}.json").read_text())
+    walls = [json.loads(p.read_text())["wall_time_s"] for p in stages.glob("*/*/record.json")]
+    assert rep["stages"] == len(walls) and rep["work_s"] == pytest.approx(sum(walls))
+    assert rep["replay_s"]["1"] == pytest.approx(sum(walls))
+    assert rep["replay_s"]["64"] == pytest.approx(rep["longest_chain_s"])
+    assert rep["longest_chain_s"] <= rep["replay_s"]["2"] <= rep["replay_s"]["1"]
+    assert 0 < rep["span_s"] and sum(rep["by_stage"][s]["stages"] for s in rep["by_stage"]) == len(walls)
+    v = rep["verdict"]  # grid=default states 15 minutes on 2 workers
+    assert v["budget_s"] == 900 and v["workers"] == 2 and v["meets"] == (v["judged_s"] <= 900)
+    assert "Budget (2 workers" in (out / f"sweep_{sweep.name}.md").read_text()
+    rec = next(stages.glob("generator/*/record.json"))
+    rec.rename(rec.with_suffix(".moved"))
+    try:
+        with pytest.raises(SystemExit) as exc:
+            perf.main(["--sweep", str(sweep), "--out", str(out)])
+        assert exc.value.code == 2
+    finally:
+        rec.with_suffix(".moved").rename(rec)
 
 
 def _run(args, env=None):
