@@ -128,3 +128,11 @@ def test_text_prior_component_std(prior):
     from benchmark.config import _compose  # composing only: the text tower's weights are not needed
     p = _compose(["grid=single", f"prior={prior}"]).prior
     assert _quoted(r"one component \(std ([\d.]+)\) per caption") == (p.component_std,)
+
+
+def test_grid_budgets():
+    """The time targets the README quotes are the ones the grids state (benchmark.perf --sweep)."""
+    budgets = {g: yaml.safe_load((CONF / "grid" / f"{g}.yaml").read_text())["budget"] for g in ("default", "mini-paper")}
+    assert _quoted(r"\(`grid=default`: (\d+) minutes, `grid=mini-paper`: (\d+), both on (\d+) workers") == (
+        budgets["default"]["minutes"], budgets["mini-paper"]["minutes"], budgets["default"]["workers"])
+    assert budgets["default"]["workers"] == budgets["mini-paper"]["workers"]
