@@ -87,6 +87,8 @@ class StageRun:
     started: float         # epoch seconds, the first attempt
     ended: float           # epoch seconds, the last attempt's last sign of life
     host: str
+    device_hours: float    # every attempt x its processes (GPUs), as the record states
+    world_size: int        # processes of the last attempt (data parallel when > 1)
 
 
 def _host(rec: dict) -> str:
@@ -125,7 +127,7 @@ def read_sweep(sweep_dir: Path) -> tuple[dict, list[StageRun]]:
         ended = max((a["last_seen"] for a in ledger), default=math.nan)
         runs.append(StageRun(key, stage, [k for k in rec.get("deps", {}).values()], wall,
                              max(everything, wall), len(ledger) or int(rec.get("attempts", 1)), started, ended,
-                             _host(rec)))
+                             _host(rec), float(rec.get("device_hours", 0.0)), world))
     if missing:
         raise ValueError(f"{len(missing)} of {len(seen)} stages of {sweep_dir.name} have no record yet (first: "
                          f"{missing[0]}): a sweep's cost is read once it has finished; "
@@ -190,6 +192,8 @@ def analyse(base: dict, runs: list[StageRun], workers: list[int], budget: dict |
         "hosts": dict(Counter(r.host for r in runs)),
         "work_s": work, "earlier_attempts_s": sum(r.all_attempts_s - r.wall_s for r in runs),
         "restarted_stages": sum(r.attempts > 1 for r in runs),
+        "device_hours": sum(r.device_hours for r in runs),
+        "multi_process_stages": sum(r.world_size > 1 for r in runs),
         "span_s": span, "longest_chain_s": chain_from[chain[0]],
         "longest_chain": [f"{stage_of[c]} ({dur[c]:.0f} s)" for c in chain],
         "replay_s": {str(w): t for w, t in replays.items()},
@@ -231,11 +235,15 @@ def to_markdown(r: dict[str, Any], sweep_dir: Path) -> str:
     md += ["| measure | value |", "|---|---|",
            f"| work (sum of stage wall times) | {r['work_s']:,.0f} s ({fmt_duration(r['work_s'])}) |",
            f"| earlier attempts ({r['restarted_stages']} stages restarted) | {r['earlier_attempts_s']:,.0f} s |",
+           f"| device-hours (every attempt x its processes) | {r['device_hours']:.2f} |",
            f"| span, first start to last end | {fmt_duration(r['span_s'])} |",
            f"| longest chain | {fmt_duration(r['longest_chain_s'])}: {' -> '.join(r['longest_chain'])} |"]
     for w, t in r["replay_s"].items():
         md.append(f"| replay on {w} worker(s) (lower bound) | {fmt_duration(t)} "
                   f"({fmt_duration(r['lower_bound_s'][w])}) |")
+    if r["multi_process_stages"]:
+        md += ["", f"{r['multi_process_stages']} stages ran on several processes (data parallel): the work and the "
+               "replay count their wall time once, as one worker's; the device-hours count every process."]
     md += ["", "| stage kind | stages | total (s) | share | median (s) | max (s) |", "|---|---|---|---|---|---|"]
     for s, k in r["by_stage"].items():
         md.append(f"| {s} | {k['stages']} | {k['total_s']:,.0f} | {k['total_s'] / r['work_s']:.0%} | "

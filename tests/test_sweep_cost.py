@@ -56,3 +56,30 @@ def test_grid_budget_from_the_config_or_the_grid_file_and_checked():
     for bad in ({"minutes": 0, "workers": 2}, {"minutes": 5}, {"minutes": "soon", "workers": 1}):
         with pytest.raises(ValueError, match="grid.budget"):
             grid_budget({"grid": {"name": "x", "budget": bad}})
+
+
+def _run(key, stage, deps, wall, start, world=1, attempts=1, lost=0.0):
+    from benchmark.sweep_cost import StageRun
+    return StageRun(key, stage, deps, wall, wall + lost, attempts, start, start + wall, "cpu X",
+                    (wall + lost) * world / 3600, world)
+
+
+def test_analyse_judges_by_span_in_one_go_and_by_replay_otherwise():
+    from benchmark.sweep_cost import analyse
+    base = {"grid": {"name": "x", "budget": {"minutes": 1, "workers": 2}}}
+    # Two workers kept busy: a (30 s) and c (10 s) side by side, then d (40 s) after c.
+    runs = [_run("a", "teacher", [], 30, 0), _run("c", "reference", [], 10, 0), _run("d", "tokenizer", ["c"], 40, 10)]
+    r = analyse(base, runs, [1, 2])
+    assert r["work_s"] == 80 and r["span_s"] == 50 and r["longest_chain_s"] == 50
+    assert r["replay_s"] == {"1": 80, "2": 50}
+    v = r["verdict"]
+    assert v["ran_in_one_go"] and v["judged_by"] == "measured span" and v["meets"] and v["fewest_workers"] == 2
+    # The same stages run hours apart (a resumed sweep): judged by the replay, which still fits.
+    late = [_run("a", "teacher", [], 30, 0), _run("c", "reference", [], 10, 5000),
+            _run("d", "tokenizer", ["c"], 40, 9000, world=2, attempts=2, lost=20)]
+    r = analyse(base, late, [2])
+    assert not r["verdict"]["ran_in_one_go"] and r["verdict"]["judged_s"] == 50 and r["verdict"]["meets"]
+    assert r["earlier_attempts_s"] == 20 and r["restarted_stages"] == 1 and r["multi_process_stages"] == 1
+    # A budget below the longest chain: no number of workers fits.
+    r = analyse({"grid": {"name": "x", "budget": {"minutes": 0.5, "workers": 2}}}, runs, [2])
+    assert not r["verdict"]["meets"] and r["verdict"]["fewest_workers"] is None
