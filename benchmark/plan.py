@@ -147,6 +147,38 @@ class SampleFlops:
         return self._once("detector|" + str(cfg["eval"]["detector"]), count)
 
 
+    def domain_net(self, cfg: dict) -> float:
+        """The domain detector's classifier: forward FLOPs of one image (its centre crop)."""
+        from benchmark.metrics.domain import DomainNet
+        from benchmark.stages.common import dataset_settings
+        from benchmark.stages.domain_detector import crop_side, settings
+
+        def count() -> float:
+            d, ds = dataset_settings(cfg), settings(cfg)
+            side = crop_side(d.resolution, ds)
+            with torch.device("meta"):
+                net = DomainNet(d.channels, d.num_classes, ds.width, side, ds.feature_dim).eval()
+                return _count(lambda: net(torch.zeros(1, d.channels, side, side)))
+        return self._once("domain|" + json.dumps([cfg["eval"]["domain"], cfg["dataset"]], sort_keys=True,
+                                                 default=str), count)
+
+    def mae(self, cfg: dict, backbone: dict) -> float:
+        """The offline MAE's training loss (encoder on the visible patches, decoder on all):
+        forward FLOPs of one image at the stage's mask ratio."""
+        from backbones.offline_mae import MAE
+        from benchmark.stages.common import dataset_settings
+        from benchmark.stages.ssl_backbone import TRAIN_DEFAULTS
+
+        def count() -> float:
+            tr = {**TRAIN_DEFAULTS, **(backbone.get("train") or {})}
+            size = int(backbone.get("img_size", dataset_settings(cfg).resolution))
+            with torch.device("meta"):
+                mae = MAE(img_size=size, **(backbone.get("arch") or {}))
+                x, noise = torch.zeros(1, 3, size, size), torch.zeros(1, mae.num_patches)
+                return _count(lambda: mae.loss(x, float(tr["mask_ratio"]), noise=noise))
+        return self._once("mae|" + json.dumps(backbone, sort_keys=True, default=str), count)
+
+
 # ------------------------------------------------------------------ per-stage cost
 @dataclass
 class StageCost:
@@ -199,23 +231,51 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         enc, _ = fl.tokenizer(cfg)
         n = int(gc.get("train_images") or 0)
         return StageCost(2 * n * enc, _bf16(tc), f"{n:,} images and their flips through the encoder")
+    dom = ev.get("domain") or {}
     if s == "gen_eval":
         sc = ev["sampler"]
-        dom = ev.get("domain") or {}
         n = max(int(ev["n_samples"]), int(dom.get("n_samples", 0)) if dom.get("enabled") else 0)
         passes = 2 if float(sc.get("cfg_scale", 1.0)) > 1 else 1
         _, dec = fl.tokenizer(cfg)
         per = int(sc["steps"]) * passes * fl.generator(cfg) + dec
         flops = n * per + int(ev["n_samples"]) * fl.detector(cfg)
-        return StageCost(flops, _bf16(ev), f"{n:,} samples x {sc['steps']} sampler steps x {passes} pass(es) "
-                         "+ decoder + detector")
+        note = f"{n:,} samples x {sc['steps']} sampler steps x {passes} pass(es) + decoder + detector"
+        if dom.get("enabled"):
+            # Every sample through the domain classifier, and each earlier EMA snapshot's own
+            # samples through sampler, decoder and classifier (the final EMA's are the main ones).
+            snap = int(dom.get("snapshot_n_samples", 0)) * len(gc.get("snapshots") or [])
+            dn = fl.domain_net(cfg)
+            flops += n * dn + snap * (per + dn)
+            note += f"; domain features, {snap:,} snapshot samples"
+        return StageCost(flops, _bf16(ev), note)
     if s == "recon_eval":
         enc, dec = fl.tokenizer(cfg)
         n = int(ev["n_ref"])
-        return StageCost(n * (enc + dec + fl.detector(cfg)), _bf16(ev), f"{n:,} images: encode, decode, detector")
+        flops, note = n * (enc + dec + fl.detector(cfg)), f"{n:,} images: encode, decode, detector"
+        if dom.get("enabled"):  # rFD_domain: its own held-out images reconstructed and classified
+            nd = int(dom["n_ref"])
+            flops += nd * (enc + dec + fl.domain_net(cfg))
+            note += f"; {nd:,} more through tokenizer and domain classifier"
+        return StageCost(flops, _bf16(ev), note)
     if s == "fid_ref":
         n = int(ev["n_ref"]) + int(ev["n_samples"])  # reference features + the train-split floor
-        return StageCost(n * fl.detector(cfg), _bf16(ev), f"{n:,} images through the detector")
+        flops, note = n * fl.detector(cfg), f"{n:,} images through the detector"
+        if dom.get("enabled"):  # the domain reference and its train-split floor
+            nd = int(dom["n_ref"]) + int(dom["n_samples"])
+            flops += nd * fl.domain_net(cfg)
+            note += f"; {nd:,} through the domain classifier"
+        return StageCost(flops, _bf16(ev), note)
+    if s == "domain_detector":
+        steps, bs = int(dom["steps"]), int(dom["batch_size"])
+        return StageCost(3 * fl.domain_net(cfg) * bs * steps, "bf16" if dom.get("precision") == "bf16" else "fp32",
+                         f"{steps:,} steps x {bs} crops x 3 fwd (the test-split accuracy pass not counted)")
+    if s == "ssl_backbone":
+        backbone = node.params["backbone"]
+        tr = backbone.get("train") or {}
+        from benchmark.stages.ssl_backbone import TRAIN_DEFAULTS
+        steps, bs = int(tr.get("steps", TRAIN_DEFAULTS["steps"])), int(tr.get("batch_size", TRAIN_DEFAULTS["batch_size"]))
+        return StageCost(3 * fl.mae(cfg, backbone) * bs * steps, "fp32",
+                         f"offline MAE: {steps:,} steps x {bs} images x 3 fwd (masked encoder + decoder)")
     if s == "reference":
         n = int(cfg["prior"].get("n_images") or 0)
         if not n:

@@ -126,3 +126,26 @@ def test_auto_time_limit_comes_from_the_cost_model(tmp_path):
     base, _ = config.load(over, missing=[])
     cfg = launch_slurm.resolve(base["launcher"], over)
     assert launch_slurm.executor_parameters(cfg, "generator", "g", gen["limit_min"])["time"] == gen["limit_min"]
+
+
+def test_domain_detector_and_offline_mae_are_costed(tmp_path):
+    """The default grid's two stage kinds that had no cost model: the domain classifier's
+    convolutions and linears counted by hand (multiply-adds x 2), and the offline MAE's masked
+    training forward against its own analytic count (backbones/offline_mae.py, which leaves out
+    the patch embedding and the pixel head), within 15%."""
+    from backbones.offline_mae import MAE, mae_flops_per_image
+    assert grid.main(["--plan", f"run_root={tmp_path}"]) == 0
+    rows = {r["stage"]: r for r in _plan_json(tmp_path)["stages"]}
+    cfg = next(c for c in config.load([])[1] if "backbone" in c.cfg["prior"]).cfg
+    dom = cfg["eval"]["domain"]
+    w, side = dom["width"], 32 - 2 * dom["shift"]
+    macs = 9 * (side ** 2 * (1 * w + w * w) + (side // 2) ** 2 * (w * 2 * w + 4 * w * w)
+                + (side // 4) ** 2 * (2 * w * 4 * w + 16 * w * w))
+    macs += 4 * w * (side // 8) ** 2 * dom["feature_dim"] + dom["feature_dim"] * 10
+    assert rows["domain_detector"]["flops"] == 3 * 2 * macs * dom["batch_size"] * dom["steps"]
+    bb = cfg["prior"]["backbone"]
+    mae = MAE(img_size=32, **(bb.get("arch") or {}))
+    analytic = mae_flops_per_image(mae, bb["train"]["mask_ratio"]) * bb["train"]["batch_size"] * bb["train"]["steps"]
+    assert rows["ssl_backbone"]["flops"] == pytest.approx(analytic, rel=0.15)
+    # The eval stages now count the domain classifier's passes too.
+    assert "domain classifier" in rows["fid_ref"]["what"] and "domain" in rows["recon_eval"]["what"]
