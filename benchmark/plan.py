@@ -105,14 +105,17 @@ class SampleFlops:
 
         def count() -> tuple[float, float]:
             d = dataset_settings(cfg)
+            arch = _architecture_only(cfg)
             with torch.device("meta"):
-                tok = build_tokenizer_for(_architecture_only(cfg))
+                # With the stage-1 design the DM stage's tokenizer is the prior's stage-1 model.
+                tok = build_tokenizer_for(arch, _stage1_architecture(arch) if _stage1_start(cfg) else None)
                 x = torch.zeros(1, d.channels, d.resolution, d.resolution)
                 enc = _count(lambda: tok.encode(x))
                 z = torch.zeros(1, *latent_shape(cfg))
                 dec = _count(lambda: tok.decode(z))
             return enc, dec
-        key = "tokenizer|" + json.dumps([cfg["tokenizer"], cfg["dataset"]], sort_keys=True, default=str)
+        # The prior too: with the stage-1 design the encoder is the prior's backbone and MLP.
+        key = "tokenizer|" + json.dumps([cfg["tokenizer"], cfg["dataset"], cfg["prior"]], sort_keys=True, default=str)
         return self._once(key, count, missing=(float("nan"), float("nan")))
 
     def _dit(self, cfg: dict, build: Callable[[], torch.nn.Module], what: str, spec: Any) -> float:
@@ -187,9 +190,29 @@ class StageCost:
     note: str
 
 
+def _stage1_prior(cfg: dict) -> dict | None:
+    """The prior section that has a stage 1: the cell's own, or its base's (a class subset of a
+    feature prior is fitted as its base is); None for priors without one."""
+    p = cfg["prior"]
+    p = p["base"] if isinstance(p.get("base"), dict) else p
+    return p if p.get("stage1") else None
+
+
 def _stage1_start(cfg: dict) -> bool:
     """Does the DM stage start from the reference stage's stage-1 model (tokenizer.design)?"""
-    return str(cfg["tokenizer"].get("design", "preset")) == "stage1" and bool(cfg["prior"].get("stage1"))
+    return str(cfg["tokenizer"].get("design", "preset")) == "stage1" and _stage1_prior(cfg) is not None
+
+
+def _stage1_architecture(cfg: dict) -> dict:
+    """The tokenizer section of the stage-1 model from the config alone, for counting: what
+    priors.features.FeaturePrior.stage1_architecture builds after the reference stage (the
+    backbone pooled to the latent grid, the MLP, stage 1's decoder), with random weights."""
+    p = _stage1_prior(cfg)
+    c, h, _ = latent_shape(cfg)
+    return {"encoder": {"name": "backbone", "backbone": {**p["backbone"], "pretrained": False}, "latent_grid": h,
+                        "norm_eval": True},
+            "decoder": dict(p["stage1"]["decoder"]), "latent_channels": c,
+            "bottleneck_hidden": int(p["stage1"].get("hidden") or 0)}
 
 
 def _bf16(section: dict) -> str:
@@ -277,20 +300,35 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         return StageCost(3 * fl.mae(cfg, backbone) * bs * steps, "fp32",
                          f"offline MAE: {steps:,} steps x {bs} images x 3 fwd (masked encoder + decoder)")
     if s == "reference":
-        n = int(cfg["prior"].get("n_images") or 0)
-        if not n:
-            return StageCost(0.0, "fp32", "closed-form prior: no network")
-        s1 = cfg["prior"].get("stage1") or {}
-        if not _stage1_start(cfg):
-            return StageCost(float("nan"), "bf16", f"{n:,} images through the prior's backbone: not modelled "
-                             "unless the tokenizer is the stage-1 model")
-        # Stage 1 trains the stage-1 model, which is the tokenizer's architecture with the
-        # stage-1 design: the frozen backbone forward, then MLP + decoder forward and backward.
-        enc, dec = fl.tokenizer(cfg)
-        steps, bs = int(s1.get("iters", 0)), int(s1.get("batch_size", 0))
-        return StageCost(n * enc + steps * bs * (enc + 3 * dec), _bf16(cfg["prior"]),
-                         f"{n:,} images through the backbone; stage 1: {steps:,} steps x {bs}")
+        return _reference_cost(cfg, [d.stage for d in node.deps.values()], fl)
     return StageCost(float("nan"), "fp32", "no cost model for this stage kind")
+
+
+def _reference_cost(cfg: dict, dep_stages: list[str], fl: SampleFlops) -> StageCost:
+    """The reference stage: a closed-form prior fits nothing; a bank of latents read from another
+    cell's latent cache (difftraj) runs no network; a prior restricted from a base prior (its
+    section under ``base``: the class subset) costs what fitting the base costs; a feature bank
+    costs its backbone passes and stage 1."""
+    base = cfg["prior"].get("base")
+    if isinstance(base, dict):
+        inner = _reference_cost({**cfg, "prior": base}, dep_stages, fl)
+        return StageCost(inner.flops, inner.precision, f"the base prior's reference ({inner.note}), its bank then "
+                         "restricted to the listed classes")
+    n = int(cfg["prior"].get("n_images") or 0)
+    if not n:
+        return StageCost(0.0, "fp32", "closed-form prior: no network")
+    if dep_stages and all(d == "latent_cache" for d in dep_stages):
+        return StageCost(0.0, "fp32", f"{n:,} rows of another cell's latent cache: no network")
+    s1 = cfg["prior"].get("stage1") or {}
+    if not _stage1_start(cfg):
+        return StageCost(float("nan"), "bf16", f"{n:,} images through the prior's backbone: not modelled "
+                         "unless the tokenizer is the stage-1 model")
+    # Stage 1 trains the stage-1 model, which is the tokenizer's architecture with the
+    # stage-1 design: the frozen backbone forward, then MLP + decoder forward and backward.
+    enc, dec = fl.tokenizer(cfg)
+    steps, bs = int(s1.get("iters", 0)), int(s1.get("batch_size", 0))
+    return StageCost(n * enc + steps * bs * (enc + 3 * dec), _bf16(cfg["prior"]),
+                     f"{n:,} images through the backbone; stage 1: {steps:,} steps x {bs}")
 
 
 # ------------------------------------------------------------------ the plan

@@ -149,3 +149,10 @@ def test_domain_detector_and_offline_mae_are_costed(tmp_path):
     assert rows["ssl_backbone"]["flops"] == pytest.approx(analytic, rel=0.15)
     # The eval stages now count the domain classifier's passes too.
     assert "domain classifier" in rows["fid_ref"]["what"] and "domain" in rows["recon_eval"]["what"]
+    # With the stage-1 design the MAE cell's tokenizer is the MAE backbone + MLP (the conv encoder
+    # was counted before): its latent cache costs several times the conv cells'.
+    by_cell = {}
+    for r in _plan_json(tmp_path)["stages"]:
+        if r["stage"] == "latent_cache":
+            by_cell[r["cells"][0].split("/")[0]] = r["flops"]
+    assert by_cell["offline-mae"] > 3 * by_cell["gaussian"]
