@@ -99,7 +99,7 @@ def _host(rec: dict) -> str:
 
 
 def read_sweep(sweep_dir: Path) -> tuple[dict, list[StageRun]]:
-    """The sweep's config and one StageRun per distinct stage, in a topological order."""
+    """The sweep's config and one StageRun per distinct stage, in the launcher's order."""
     sweep_dir = Path(sweep_dir).resolve()
     if not (sweep_dir / "cells.json").exists():
         raise FileNotFoundError(f"{sweep_dir} is not a sweep directory (no cells.json): pass "
@@ -132,7 +132,34 @@ def read_sweep(sweep_dir: Path) -> tuple[dict, list[StageRun]]:
         raise ValueError(f"{len(missing)} of {len(seen)} stages of {sweep_dir.name} have no record yet (first: "
                          f"{missing[0]}): a sweep's cost is read once it has finished; "
                          f"`python -m benchmark.status {sweep_dir}` says where it stands")
-    return base, runs
+    return base, _launch_order(cells, runs, rank)
+
+
+def _launch_order(cells: list[dict], runs: list[StageRun], rank: dict[str, int]) -> list[StageRun]:
+    """``runs`` in the order the launcher lists them (benchmark.dag.build: cell by cell, each
+    node after its dependencies, depth first), which breaks the replay's ties as the launcher
+    does. cells.json keeps a cell's nodes by name, so each cell's are taken in pipeline order."""
+    by_key = {r.key: r for r in runs}
+    out: list[StageRun] = []
+    placed: set[str] = set()
+    visiting: set[str] = set()
+
+    def visit(key: str) -> None:
+        if key in placed or key not in by_key:
+            return
+        if key in visiting:
+            raise ValueError(f"the stage records' dependencies form a cycle through {key}")
+        visiting.add(key)
+        for d in by_key[key].deps:
+            visit(d)
+        visiting.discard(key)
+        placed.add(key)
+        out.append(by_key[key])
+
+    for cell in cells:
+        for stage, key in sorted(cell["nodes"].items(), key=lambda kv: rank.get(kv[0], len(rank))):
+            visit(key)
+    return out
 
 
 GRID_DIR = Path(__file__).resolve().parent / "conf" / "grid"

@@ -83,3 +83,17 @@ def test_analyse_judges_by_span_in_one_go_and_by_replay_otherwise():
     # A budget below the longest chain: no number of workers fits.
     r = analyse({"grid": {"name": "x", "budget": {"minutes": 0.5, "workers": 2}}}, runs, [2])
     assert not r["verdict"]["meets"] and r["verdict"]["fewest_workers"] is None
+
+
+def test_stage_runs_follow_the_launchers_order():
+    from benchmark.sweep_cost import _launch_order
+    rank = {"tokenizer": 0, "latent_cache": 1, "reference": 2}
+    # Cell by cell, each stage after its dependencies: a reference that reads a later kind's
+    # output (difftraj's latent cache) comes after it; a stage shared by two cells comes once.
+    runs = [_run("ref", "reference", ["cache"], 1, 0), _run("tok", "tokenizer", [], 1, 0),
+            _run("cache", "latent_cache", ["tok"], 1, 0), _run("tok2", "tokenizer", ["ref"], 1, 0)]
+    cells = [{"nodes": {"reference": "ref", "tokenizer": "tok2"}}, {"nodes": {"tokenizer": "tok", "latent_cache": "cache"}}]
+    assert [r.key for r in _launch_order(cells, runs, rank)] == ["tok", "cache", "ref", "tok2"]
+    with pytest.raises(ValueError, match="cycle"):
+        _launch_order([{"nodes": {"reference": "a"}}],
+                      [_run("a", "reference", ["b"], 1, 0), _run("b", "teacher", ["a"], 1, 0)], rank)
