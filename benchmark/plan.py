@@ -215,6 +215,15 @@ def _stage1_architecture(cfg: dict) -> dict:
             "bottleneck_hidden": int(p["stage1"].get("hidden") or 0)}
 
 
+def _dm_cfg_scale(cfg: dict) -> float:
+    """The DM CFG scale the cell's prior gets (priors/losses/dm.py: 1 without labels or for a
+    class subset), from the prior's registered class."""
+    from priors import LOSSES, PRIORS
+    p = cfg["prior"]
+    return LOSSES.get("dm").effective_cfg_scale(float(cfg["loss"].get("cfg_scale", 1.0)), PRIORS.get(p["name"]),
+                                               p.get("classes"))
+
+
 def _bf16(section: dict) -> str:
     return "bf16" if str(section.get("precision", "fp32")) == "bf16" else "fp32"
 
@@ -232,13 +241,18 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         flops = 3 * (enc + dec) * bs * iters
         note = f"{iters:,} iterations x {bs} images x 3 fwd (encoder + decoder)"
         if loss["name"] == "dm":
-            # Per DM-phase iteration: vae_train_every fake updates (3 fwd each), then the loss's
-            # fake and teacher forwards (teacher twice with DM CFG).
-            k = int(loss.get("vae_train_every", 1))
+            # The DM phase (benchmark/stages/tokenizer.py, TokenizerRun.iteration): every iteration
+            # encodes its batch and updates the fake (3 fwd); every vae_train_every-th iteration
+            # is a tokenizer step instead of the plain encode, whose loss runs the fake and the
+            # teacher forward (each twice under DM CFG, which priors without labels do not get).
+            match, k = int(tc.get("match_iters", 0)), int(loss.get("vae_train_every", 1))
             sn = fl.score_net(cfg)
-            cfg_mult = 2 if float(loss.get("cfg_scale", 1.0)) > 1 else 1
-            flops += int(tc.get("match_iters", 0)) * bs * sn * (3 * k + 1 + cfg_mult)
-            note += f"; DM phase: {k} fake updates + fake/teacher forwards per iteration"
+            steps = math.ceil(match / k)
+            passes = 2 * (2 if _dm_cfg_scale(cfg) > 1 else 1)
+            flops = (3 * (enc + dec) * bs * (iters - match) + 3 * (enc + dec) * bs * steps
+                     + enc * bs * (match - steps) + sn * bs * (3 * match + passes * steps))
+            note = (f"{iters - match:,} recon iterations + {match:,} DM iterations ({steps:,} tokenizer steps, "
+                    f"{match:,} fake updates) x {bs} images")
         return StageCost(flops, _bf16(tc), note + "; perceptual and GAN losses not counted")
     if s == "teacher":
         steps, bs = int(loss.get("teacher_steps", 0)), int(loss.get("teacher_batch_size", 128))

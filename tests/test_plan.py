@@ -156,3 +156,25 @@ def test_domain_detector_and_offline_mae_are_costed(tmp_path):
         if r["stage"] == "latent_cache":
             by_cell[r["cells"][0].split("/")[0]] = r["flops"]
     assert by_cell["offline-mae"] > 3 * by_cell["gaussian"]
+
+
+def test_dm_phase_counts_one_fake_update_per_iteration_and_a_tokenizer_step_every_kth(tmp_path):
+    """TokenizerRun.iteration: every DM iteration updates the fake once; every vae_train_every-th
+    is a tokenizer step (the others only encode). So a larger vae_train_every costs less (the old
+    model counted k fake updates per iteration, which made it cost more), and at k = 1 the stage
+    is every iteration's tokenizer step plus one fake update and the two loss forwards."""
+    def tokenizer_cost(k: int, root) -> float:
+        over = ["grid=single", "prior=gaussian", "loss=dm", f"loss.vae_train_every={k}", f"run_root={root}"]
+        _, _, order, _, _ = grid.prepare(over)
+        node = next(n for n in order if n.stage == "tokenizer")
+        return plan.stage_cost(node, fl).flops, node.cfg
+    fl = plan.SampleFlops()
+    c1, cfg = tokenizer_cost(1, tmp_path / "a")
+    c5, _ = tokenizer_cost(5, tmp_path / "b")
+    assert c5 < c1
+    tc = cfg["tokenizer"]
+    enc, dec = fl.tokenizer(cfg)
+    sn, bs = fl.score_net(cfg), tc["batch_size"]
+    iters = tc["warmup_iters"] + tc["match_iters"] + tc["finetune_iters"]
+    # N(0, I) gets no DM CFG: one fake and one teacher forward per tokenizer step.
+    assert c1 == pytest.approx(3 * (enc + dec) * bs * iters + sn * bs * 5 * tc["match_iters"])

@@ -120,11 +120,20 @@ class DistributionMatching(MatchingLoss):
         for key, tok_key in (("fake_lr", "lr"), ("fake_warmup_steps", "warmup_steps"), ("fake_grad_clip", "grad_clip")):
             if kwargs.get(key) is None and tok_key in optim:
                 kwargs[key] = optim[tok_key]
-        if prior is not None and not getattr(prior, "class_conditional", False) or \
-                getattr(prior, "classes", None) is not None:
-            kwargs["cfg_scale"] = 1.0
+        if prior is not None:
+            kwargs["cfg_scale"] = cls.effective_cfg_scale(float(kwargs.get("cfg_scale", 1.0)), prior,
+                                                          getattr(prior, "classes", None))
         return cls(**kwargs, teacher=teacher, teacher_kind=kind, latent_shape=runner_args["latent_shape"],
                    num_classes=runner_args["num_classes"], fake_init=inputs.get("fake_init"))
+
+    @staticmethod
+    def effective_cfg_scale(cfg_scale: float, prior: Any, classes: Any = None) -> float:
+        """The DM CFG scale a prior gets: ``cfg_scale`` for a class-conditional prior over all its
+        classes, 1 for one that ignores labels or keeps a class subset (see from_config). ``prior``
+        may be the prior or its class (the plan has only the config)."""
+        if not getattr(prior, "class_conditional", False) or classes is not None:
+            return 1.0
+        return cfg_scale
 
     def __init__(self, weight: float = 1.0, *, teacher: nn.Module, latent_shape: tuple[int, ...],
                  num_classes: int, t_range: tuple[float, float] = (0.0, 1.0),
