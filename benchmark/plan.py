@@ -236,10 +236,15 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         enc, dec = fl.tokenizer(cfg)
         # With the stage-1 design a feature prior's reference stage was the warm-up (stage 1).
         warm = 0 if _stage1_start(cfg) else int(tc.get("warmup_iters", 0))
-        iters = warm + int(tc.get("match_iters", 0)) + int(tc.get("finetune_iters", 0))
+        fin = int(tc.get("finetune_iters", 0))
+        iters = warm + int(tc.get("match_iters", 0)) + fin
         bs = int(tc["batch_size"])
-        flops = 3 * (enc + dec) * bs * iters
-        note = f"{iters:,} iterations x {bs} images x 3 fwd (encoder + decoder)"
+        # A frozen encoder (the warm-up with warmup_frozen_encoder, the decoder fine-tune) runs
+        # forward only; its bottleneck MLP, which the warm-up trains, is counted with it.
+        warm_enc = 1 if tc.get("warmup_frozen_encoder") else 3
+        flops = ((warm_enc * enc + 3 * dec) * warm + 3 * (enc + dec) * (iters - warm - fin) + (enc + 3 * dec) * fin) * bs
+        note = (f"{iters:,} iterations x {bs} images (warm-up {warm:,}{', encoder frozen' if warm_enc == 1 else ''}; "
+                f"decoder fine-tune {fin:,}, encoder frozen)")
         if loss["name"] == "dm":
             # The DM phase (benchmark/stages/tokenizer.py, TokenizerRun.iteration): every iteration
             # encodes its batch and updates the fake (3 fwd); every vae_train_every-th iteration
@@ -249,10 +254,9 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
             sn = fl.score_net(cfg)
             steps = math.ceil(match / k)
             passes = 2 * (2 if _dm_cfg_scale(cfg) > 1 else 1)
-            flops = (3 * (enc + dec) * bs * (iters - match) + 3 * (enc + dec) * bs * steps
-                     + enc * bs * (match - steps) + sn * bs * (3 * match + passes * steps))
-            note = (f"{iters - match:,} recon iterations + {match:,} DM iterations ({steps:,} tokenizer steps, "
-                    f"{match:,} fake updates) x {bs} images")
+            flops = ((warm_enc * enc + 3 * dec) * warm + (enc + 3 * dec) * fin + 3 * (enc + dec) * steps
+                     + enc * (match - steps) + sn * (3 * match + passes * steps)) * bs
+            note += f"; DM phase {match:,} iterations: {steps:,} tokenizer steps, {match:,} fake updates"
         return StageCost(flops, _bf16(tc), note + "; perceptual and GAN losses not counted")
     if s == "teacher":
         steps, bs = int(loss.get("teacher_steps", 0)), int(loss.get("teacher_batch_size", 128))
