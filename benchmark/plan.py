@@ -149,7 +149,6 @@ class SampleFlops:
             return _count(lambda: det.features(torch.zeros(1, 3, 64, 64, dtype=torch.uint8), batch_size=1))
         return self._once("detector|" + str(cfg["eval"]["detector"]), count)
 
-
     def domain_net(self, cfg: dict) -> float:
         """The domain detector's classifier: forward FLOPs of one image (its centre crop)."""
         from benchmark.metrics.domain import DomainNet
@@ -236,27 +235,26 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         enc, dec = fl.tokenizer(cfg)
         # With the stage-1 design a feature prior's reference stage was the warm-up (stage 1).
         warm = 0 if _stage1_start(cfg) else int(tc.get("warmup_iters", 0))
-        fin = int(tc.get("finetune_iters", 0))
-        iters = warm + int(tc.get("match_iters", 0)) + fin
+        fin, match = int(tc.get("finetune_iters", 0)), int(tc.get("match_iters", 0))
         bs = int(tc["batch_size"])
         # A frozen encoder (the warm-up with warmup_frozen_encoder, the decoder fine-tune) runs
         # forward only; its bottleneck MLP, which the warm-up trains, is counted with it.
         warm_enc = 1 if tc.get("warmup_frozen_encoder") else 3
-        flops = ((warm_enc * enc + 3 * dec) * warm + 3 * (enc + dec) * (iters - warm - fin) + (enc + 3 * dec) * fin) * bs
-        note = (f"{iters:,} iterations x {bs} images (warm-up {warm:,}{', encoder frozen' if warm_enc == 1 else ''}; "
-                f"decoder fine-tune {fin:,}, encoder frozen)")
+        flops = ((warm_enc * enc + 3 * dec) * warm + (enc + 3 * dec) * fin) * bs
+        note = (f"{warm + match + fin:,} iterations x {bs} images (warm-up {warm:,}"
+                f"{', encoder frozen' if warm_enc == 1 else ''}; decoder fine-tune {fin:,}, encoder frozen)")
         if loss["name"] == "dm":
             # The DM phase (benchmark/stages/tokenizer.py, TokenizerRun.iteration): every iteration
             # encodes its batch and updates the fake (3 fwd); every vae_train_every-th iteration
             # is a tokenizer step instead of the plain encode, whose loss runs the fake and the
             # teacher forward (each twice under DM CFG, which priors without labels do not get).
-            match, k = int(tc.get("match_iters", 0)), int(loss.get("vae_train_every", 1))
-            sn = fl.score_net(cfg)
+            k, sn = int(loss.get("vae_train_every", 1)), fl.score_net(cfg)
             steps = math.ceil(match / k)
             passes = 2 * (2 if _dm_cfg_scale(cfg) > 1 else 1)
-            flops = ((warm_enc * enc + 3 * dec) * warm + (enc + 3 * dec) * fin + 3 * (enc + dec) * steps
-                     + enc * (match - steps) + sn * (3 * match + passes * steps)) * bs
+            flops += (3 * (enc + dec) * steps + enc * (match - steps) + sn * (3 * match + passes * steps)) * bs
             note += f"; DM phase {match:,} iterations: {steps:,} tokenizer steps, {match:,} fake updates"
+        else:  # every matching-phase iteration is a tokenizer step
+            flops += 3 * (enc + dec) * match * bs
         return StageCost(flops, _bf16(tc), note + "; perceptual and GAN losses not counted")
     if s == "teacher":
         steps, bs = int(loss.get("teacher_steps", 0)), int(loss.get("teacher_batch_size", 128))
