@@ -230,7 +230,7 @@ def validate(base: dict[str, Any], cells: list[Cell], missing: list[str] | None 
     are resolved here too, so nothing in this function names a prior or a loss."""
     import_plugins(base.get("plugins", []))
     from benchmark.sweep_cost import grid_budget
-    grid_budget(base)  # a malformed grid.budget stops here, not after the sweep when it is read
+    grid_budget(base, from_file=False)  # a malformed grid.budget stops here, not after the sweep
     from backbones.base import MissingWeightsError
     from benchmark.dag import latent_shape
     from benchmark.datasets import check_dataset

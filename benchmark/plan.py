@@ -164,21 +164,19 @@ class SampleFlops:
         return self._once("domain|" + json.dumps([cfg["eval"]["domain"], cfg["dataset"]], sort_keys=True,
                                                  default=str), count)
 
-    def mae(self, cfg: dict, backbone: dict) -> float:
+    def mae(self, cfg: dict, backbone: dict, mask_ratio: float) -> float:
         """The offline MAE's training loss (encoder on the visible patches, decoder on all):
-        forward FLOPs of one image at the stage's mask ratio."""
+        forward FLOPs of one image at ``mask_ratio``."""
         from backbones.offline_mae import MAE
         from benchmark.stages.common import dataset_settings
-        from benchmark.stages.ssl_backbone import TRAIN_DEFAULTS
 
         def count() -> float:
-            tr = {**TRAIN_DEFAULTS, **(backbone.get("train") or {})}
             size = int(backbone.get("img_size", dataset_settings(cfg).resolution))
             with torch.device("meta"):
                 mae = MAE(img_size=size, **(backbone.get("arch") or {}))
                 x, noise = torch.zeros(1, 3, size, size), torch.zeros(1, mae.num_patches)
-                return _count(lambda: mae.loss(x, float(tr["mask_ratio"]), noise=noise))
-        return self._once("mae|" + json.dumps(backbone, sort_keys=True, default=str), count)
+                return _count(lambda: mae.loss(x, mask_ratio, noise=noise))
+        return self._once("mae|" + json.dumps([backbone, mask_ratio], sort_keys=True, default=str), count)
 
 
 # ------------------------------------------------------------------ per-stage cost
@@ -202,16 +200,20 @@ def _stage1_start(cfg: dict) -> bool:
     return str(cfg["tokenizer"].get("design", "preset")) == "stage1" and _stage1_prior(cfg) is not None
 
 
+def _stage1_settings(cfg: dict) -> dict:
+    """The prior's stage-1 settings with their defaults, as the feature prior reads them."""
+    from priors.features import STAGE1_DEFAULTS
+    return {**STAGE1_DEFAULTS, **_stage1_prior(cfg)["stage1"]}
+
+
 def _stage1_architecture(cfg: dict) -> dict:
-    """The tokenizer section of the stage-1 model from the config alone, for counting: what
-    priors.features.FeaturePrior.stage1_architecture builds after the reference stage (the
-    backbone pooled to the latent grid, the MLP, stage 1's decoder), with random weights."""
-    p = _stage1_prior(cfg)
-    c, h, _ = latent_shape(cfg)
-    return {"encoder": {"name": "backbone", "backbone": {**p["backbone"], "pretrained": False}, "latent_grid": h,
-                        "norm_eval": True},
-            "decoder": dict(p["stage1"]["decoder"]), "latent_channels": c,
-            "bottleneck_hidden": int(p["stage1"].get("hidden") or 0)}
+    """The tokenizer section of the stage-1 model from the config alone, for counting: the one
+    priors.features.FeaturePrior.stage1_architecture builds after the reference stage, with
+    random weights."""
+    from priors.features import FeaturePrior
+    s1 = _stage1_settings(cfg)
+    return FeaturePrior.stage1_tokenizer({**_stage1_prior(cfg)["backbone"], "pretrained": False}, s1["decoder"],
+                                         latent_shape(cfg), int(s1["hidden"]))
 
 
 def _dm_cfg_scale(cfg: dict) -> float:
@@ -309,11 +311,11 @@ def stage_cost(node: Node, fl: SampleFlops) -> StageCost:
         return StageCost(3 * fl.domain_net(cfg) * bs * steps, "bf16" if dom.get("precision") == "bf16" else "fp32",
                          f"{steps:,} steps x {bs} crops x 3 fwd (the test-split accuracy pass not counted)")
     if s == "ssl_backbone":
-        backbone = node.params["backbone"]
-        tr = backbone.get("train") or {}
         from benchmark.stages.ssl_backbone import TRAIN_DEFAULTS
-        steps, bs = int(tr.get("steps", TRAIN_DEFAULTS["steps"])), int(tr.get("batch_size", TRAIN_DEFAULTS["batch_size"]))
-        return StageCost(3 * fl.mae(cfg, backbone) * bs * steps, "fp32",
+        backbone = node.params["backbone"]
+        tr = {**TRAIN_DEFAULTS, **(backbone.get("train") or {})}  # as the stage reads them
+        steps, bs = int(tr["steps"]), int(tr["batch_size"])
+        return StageCost(3 * fl.mae(cfg, backbone, float(tr["mask_ratio"])) * bs * steps, "fp32",
                          f"offline MAE: {steps:,} steps x {bs} images x 3 fwd (masked encoder + decoder)")
     if s == "reference":
         return _reference_cost(cfg, [d.stage for d in node.deps.values()], fl)
@@ -335,14 +337,14 @@ def _reference_cost(cfg: dict, dep_stages: list[str], fl: SampleFlops) -> StageC
         return StageCost(0.0, "fp32", "closed-form prior: no network")
     if dep_stages and all(d == "latent_cache" for d in dep_stages):
         return StageCost(0.0, "fp32", f"{n:,} rows of another cell's latent cache: no network")
-    s1 = cfg["prior"].get("stage1") or {}
     if not _stage1_start(cfg):
         return StageCost(float("nan"), "bf16", f"{n:,} images through the prior's backbone: not modelled "
                          "unless the tokenizer is the stage-1 model")
     # Stage 1 trains the stage-1 model, which is the tokenizer's architecture with the
     # stage-1 design: the frozen backbone forward, then MLP + decoder forward and backward.
     enc, dec = fl.tokenizer(cfg)
-    steps, bs = int(s1.get("iters", 0)), int(s1.get("batch_size", 0))
+    s1 = _stage1_settings(cfg)
+    steps, bs = int(s1["iters"]), int(s1["batch_size"])
     return StageCost(n * enc + steps * bs * (enc + 3 * dec), _bf16(cfg["prior"]),
                      f"{n:,} images through the backbone; stage 1: {steps:,} steps x {bs}")
 

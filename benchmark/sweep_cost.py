@@ -165,12 +165,13 @@ def _launch_order(cells: list[dict], runs: list[StageRun], rank: dict[str, int])
 GRID_DIR = Path(__file__).resolve().parent / "conf" / "grid"
 
 
-def grid_budget(base: dict) -> dict | None:
-    """The grid's ``budget: {minutes, workers}``, checked; None when the grid states none. A sweep
-    written before grids stated budgets takes its grid's current file's (same name)."""
+def grid_budget(base: dict, from_file: bool = True) -> dict | None:
+    """The grid's ``budget: {minutes, workers}``, checked; None when the grid states none. With
+    ``from_file``, a sweep written before grids stated budgets takes its grid's current file's
+    (same name); a config being composed (config.validate) has its grid file's already."""
     grid = base.get("grid") or {}
     b = grid.get("budget")
-    if b is None and (GRID_DIR / f"{grid.get('name')}.yaml").exists():
+    if b is None and from_file and (GRID_DIR / f"{grid.get('name')}.yaml").exists():
         b = (yaml.safe_load((GRID_DIR / f"{grid['name']}.yaml").read_text()) or {}).get("budget")
     if b is None:
         return None
@@ -204,10 +205,15 @@ def analyse(base: dict, runs: list[StageRun], workers: list[int], budget: dict |
     work = sum(dur.values())
     budget = budget or grid_budget(base)
     counts = sorted(set(workers) | ({budget["workers"]} if budget else set()))
-    replays = {}
-    for w in counts:
-        times = replay(order, deps, dur, prio, w)
-        replays[w] = max(end for _, end in times.values())
+    ends_at: dict[int, float] = {}
+
+    def makespan(n: int) -> float:
+        """When the replay on ``n`` workers ends (each worker count replayed once)."""
+        if n not in ends_at:
+            ends_at[n] = max(end for _, end in replay(order, deps, dur, prio, n).values())
+        return ends_at[n]
+
+    replays = {w: makespan(w) for w in counts}
     starts = [r.started for r in runs if math.isfinite(r.started)]
     ends = [r.ended for r in runs if math.isfinite(r.ended)]
     span = max(ends) - min(starts) if starts and ends else math.nan
@@ -235,7 +241,7 @@ def analyse(base: dict, runs: list[StageRun], workers: list[int], budget: dict |
         one_go = busy >= ONE_GO_BUSY
         measured = span if one_go else replays[w]
         fewest = next((n for n in range(1, 65) if max(work / n, chain_from[chain[0]]) <= limit
-                       and max(end for _, end in replay(order, deps, dur, prio, n).values()) <= limit), None)
+                       and makespan(n) <= limit), None)
         out["verdict"] = {"workers": w, "budget_s": limit, "busy_share": busy, "ran_in_one_go": one_go,
                           "judged_s": measured, "judged_by": "measured span" if one_go else "replay",
                           "meets": measured <= limit, "ratio": measured / limit, "fewest_workers": fewest}

@@ -203,10 +203,18 @@ class FeaturePrior(BankPrior):
         if getattr(self, "stage1_model", None) is None:
             raise RuntimeError(f"{self.name}: no stage-1 model (reference stage of an older version?)")
         m = self.stage1_model
-        return {"encoder": {"name": "backbone", "backbone": {**self.backbone_cfg, **m["backbone_overrides"]},
-                            "latent_grid": self.latent_shape[1], "norm_eval": True},
-                "decoder": dict(self.stage1["decoder"]), "latent_channels": self.latent_shape[0],
-                "bottleneck_hidden": m["hidden"]}
+        return self.stage1_tokenizer({**self.backbone_cfg, **m["backbone_overrides"]}, self.stage1["decoder"],
+                                     self.latent_shape, m["hidden"])
+
+    @staticmethod
+    def stage1_tokenizer(backbone: dict[str, Any], decoder: dict[str, Any], latent_shape: Sequence[int],
+                         hidden: int) -> dict[str, Any]:
+        """The tokenizer section of a stage-1 model: ``backbone`` pooled to the latent grid, the
+        MLP (``hidden`` wide; 0 = twice the feature width, as the tokenizer reads it), ``decoder``.
+        Also what benchmark/plan.py counts before any reference stage has run."""
+        return {"encoder": {"name": "backbone", "backbone": backbone, "latent_grid": latent_shape[1],
+                            "norm_eval": True},
+                "decoder": dict(decoder), "latent_channels": latent_shape[0], "bottleneck_hidden": hidden}
 
     def stage1_weights(self) -> dict[str, torch.Tensor]:
         """Bottleneck and decoder weights of a Tokenizer built from ``stage1_architecture``.
